@@ -1,0 +1,158 @@
+"""RMSNorm, forward and backward, as Hugging Face Llama computes it.
+
+Math (one row x of length N, weight w, input dtype d, output dtype o = promote(d, w.dtype)):
+
+    x32 = float32(x)
+    r   = 1 / sqrt(mean(x32^2) + eps)            one fp32 per row, saved for backward
+    xh  = x32 * r
+    y   = o( w * d(xh) )                          HF's cast points: xh rounded to d first
+
+Backward, with dy the incoming gradient and g = dy * w (fp32); the cast d() is the identity
+for the derivative, as autograd treats it:
+
+    dy/dx_k through xh_j = x_j r:   d xh_j / d x_k = r delta_jk + x_j dr/dx_k
+    dr/dx_k = -1/2 (mean(x^2) + eps)^(-3/2) * 2 x_k / N = -r^3 x_k / N
+    dx_k = sum_j g_j (r delta_jk - r^3 x_j x_k / N) = r (g_k - xh_k * mean_j(g_j xh_j))
+    dw_j = sum over rows of dy_j * xh_j
+
+dx is row-local. dw reduces across rows: a persistent grid of P programs, each owning a
+strided set of rows, accumulates a partial dw in fp32 registers and writes one row of a
+(P, N) fp32 buffer; the P partial rows are then summed in fp32 (the two-stage reduction).
+Peers skip dw, which silently freezes trainable norm weights; we never do.
+
+Memory traffic (T rows of N elements, b bytes each): forward reads x and w and writes y and
+r: 2 T N b + 4 T bytes. Backward reads dy, x and r and writes dx: 3 T N b + 4 T, plus
+P N 4 bytes of partials. Nothing but x (which the residual stream keeps alive anyway) and
+r is saved: y and the fp32 copy of x that eager autograd keeps are not.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.runtime import num_programs_for_reduction, use_triton
+
+
+@triton.jit
+def _rmsnorm_forward(X, W, Y, R, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    xh = (x * r).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * xh).to(Y.dtype.element_ty), mask=mask)
+    tl.store(R + row, r)
+
+
+@triton.jit
+def _rmsnorm_backward(
+    DY,
+    X,
+    W,
+    R,
+    DX,
+    DW_PARTIAL,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    rows,
+    N,
+    BLOCK_N: tl.constexpr,
+    HAS_DW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row32 in range(pid, rows, programs):
+        row = tl.cast(row32, tl.int64)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + row)
+        xh = x * r
+        g = dy * w
+        dx = r * (g - xh * (tl.sum(g * xh, axis=0) / N))
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DW:
+            dw += dy * xh
+    if HAS_DW:
+        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+
+
+def _block_and_warps(n: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n)
+    return block, min(16, max(1, block // 256))
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+        r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        block, warps = _block_and_warps(n)
+        if x2.shape[0] > 0:
+            _rmsnorm_forward[(x2.shape[0],)](
+                x2, weight, y, r, x2.stride(0), y.stride(0), n, eps, BLOCK_N=block, num_warps=warps
+            )
+        ctx.save_for_backward(x2, weight, r)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, r = ctx.saved_tensors
+        rows, n = x2.shape
+        dy2 = dy.reshape(rows, n)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx = torch.empty_like(x2)
+        has_dw = ctx.needs_input_grad[1]
+        programs = max(1, min(rows, num_programs_for_reduction(x2.device)))
+        partial = torch.empty((programs, n) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
+        block, warps = _block_and_warps(n)
+        if rows > 0:
+            _rmsnorm_backward[(programs,)](
+                dy2,
+                x2,
+                weight,
+                r,
+                dx,
+                partial,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                rows,
+                n,
+                BLOCK_N=block,
+                HAS_DW=has_dw,
+                num_warps=warps,
+            )
+        dw = None
+        if has_dw:
+            dw = (partial.sum(0) if rows > 0 else torch.zeros(n, device=x2.device)).to(weight.dtype)
+        return dx.view(ctx.x_shape), dw, None
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same math in PyTorch, with HF's cast points; autograd derives its backward."""
+    x32 = x.to(torch.float32)
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * r).to(x.dtype)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = weight * (x / rms(x)), HF Llama's RMSNorm; Triton where it can run, else the reference."""
+    if use_triton(x, weight):
+        return RMSNormFunction.apply(x, weight, eps)
+    return rmsnorm_reference(x, weight, eps)

@@ -1,0 +1,57 @@
+"""Where a kernel runs: compiled Triton on CUDA, Triton's interpreter on CPU when
+``TRITON_INTERPRET=1`` (what the tests use), else the PyTorch reference of the same math."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when every tensor can be handed to a Triton kernel on this machine."""
+    if all(t.is_cuda for t in tensors):
+        return True
+    return INTERPRET and all(t.device.type == "cpu" for t in tensors)
+
+
+def num_programs_for_reduction(device: torch.device) -> int:
+    """Programs for a persistent grid that reduces across rows: a few per SM on a GPU;
+    on the interpreter every program is a Python loop, so few."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _round_bf16_nearest_even(data: np.ndarray) -> np.ndarray:
+    bits = data.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(data), np.uint16(0x7FC0), rounded)
+
+
+def _interpreter_rounds_bf16_to_nearest() -> None:
+    """Triton's interpreter (3.x) casts fp32 -> bf16 by truncating the mantissa, while the
+    GPU rounds to nearest even. Without this, every bf16 result computed on CPU would carry
+    twice the GPU's rounding error and the tests would judge the interpreter, not the kernel."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    cast_impl = getattr(builder, "cast_impl", None)
+    if cast_impl is None or getattr(cast_impl, "_graft_rne", False):
+        return
+    import triton.language as tl
+
+    def cast_with_rne(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar in (tl.float32, tl.float64):
+            return interpreter.TensorHandle(_round_bf16_nearest_even(src.data), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    cast_with_rne._graft_rne = True
+    builder.cast_impl = cast_with_rne
+
+
+if INTERPRET:
+    _interpreter_rounds_bf16_to_nearest()

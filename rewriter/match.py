@@ -1,0 +1,421 @@
+"""Patterns and the matcher.
+
+A pattern is ordinary PyTorch code (the `search` function, usually a copy of the library's
+own code) traced with the same capture as the model, so its IR is the model's IR. It is traced
+twice, with different example shapes, scalar values and floating dtype; constants that differ
+between the two traces are wildcards (a scalar argument such as `eps`, the floating dtype, a
+size derived from a shape) and bind to whatever the model has there, consistently across the
+pattern. Constants equal in both traces (a fixed `torch.float32` upcast, `dim=-1`) must match.
+
+Why our own matcher rather than networkx's subgraph isomorphism: FX graphs are DAGs whose
+edges are ordered operands (`a - b` is not `b - a`) and carry constants and kwargs. Matching
+backwards from an anchor node, operand by operand, is linear in the pattern's size for each
+candidate anchor and states exactly why a candidate failed; VF2 would need the operand order
+and constants encoded as attributes and searches far more than it must.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Node
+
+from rewriter.capture import trace
+
+_FLOAT_VARIANTS = (torch.float64, torch.float32)
+
+
+@dataclass(frozen=True)
+class Wildcard:
+    """A constant of the pattern that binds to the model's value (`eps`, `dtype`, a size)."""
+
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class Pattern:
+    """A rewrite rule: `search` as PyTorch code, a `guard`, and the `replace` op.
+
+    inputs: the tensor parameters of `search`, each a tuple of dimension names (or fixed
+        sizes), optionally ending in a dtype; without one the tensor is floating and its dtype
+        a wildcard. Parameters of `search` not listed are scalars and become wildcards.
+    replace: called at run time as replace(*inputs, **captures) with the matched tensors in
+        the order of `inputs` and every wildcard's value by name; returns the output tensor
+        (or a tuple, one per output of `search`).
+    guard: given the Match, returns None to accept or a reason (shapes, dtypes, captured
+        constants) to refuse; the reason goes into the report.
+    expect: class-name suffixes of modules this pattern should cover; such a module left
+        uncovered is reported with the reason the match failed there.
+    """
+
+    name: str
+    search: Callable[..., Any]
+    inputs: Mapping[str, tuple[Any, ...]]
+    replace: Callable[..., Any]
+    guard: Callable[[Match], str | None] | None = None
+    expect: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str:
+        code = self.search.__code__
+        return f"{code.co_filename}:{code.co_firstlineno}"
+
+    @cached_property
+    def graph(self) -> PatternGraph:
+        return PatternGraph.build(self)
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.name!r} at {self.source})"
+
+
+@dataclass
+class PatternGraph:
+    graph: torch.fx.Graph
+    inputs: list[Node]  # placeholders, in the order of Pattern.inputs
+    outputs: list[Node]
+
+    @staticmethod
+    def build(pattern: Pattern) -> PatternGraph:
+        traces = [_trace_variant(pattern, v) for v in (0, 1)]
+        (graph, inputs, outputs), (graph1, _, _) = traces
+        nodes0 = [n for n in graph.nodes if n.op != "output"]
+        nodes1 = [n for n in graph1.nodes if n.op != "output"]
+        if len(nodes0) != len(nodes1):
+            raise ValueError(f"{pattern!r}: the two example traces differ in structure")
+        scalars = _scalar_sentinels(pattern)
+        names: dict[tuple[Any, Any], str] = {}
+        index = {b: a for a, b in zip(nodes0, nodes1)}
+        for a, b in zip(nodes0, nodes1):
+            if a.op != b.op or a.target != b.target:
+                raise ValueError(f"{pattern!r}: traces differ at {a.name} vs {b.name}")
+            a.args = _generalise(a.args, b.args, index, scalars, names, pattern)
+            a.kwargs = _generalise(a.kwargs, b.kwargs, index, scalars, names, pattern)
+        return PatternGraph(graph, inputs, outputs)
+
+
+def _scalar_names(pattern: Pattern) -> list[str]:
+    params = inspect.signature(pattern.search).parameters
+    missing = set(pattern.inputs) - set(params)
+    if missing:
+        raise ValueError(f"{pattern!r}: inputs {sorted(missing)} are not parameters of search")
+    return [p for p in params if p not in pattern.inputs]
+
+
+def _scalar_sentinels(pattern: Pattern) -> dict[str, tuple[Any, Any]]:
+    """Two unlikely values per scalar parameter, one for each trace."""
+    params = inspect.signature(pattern.search).parameters
+    sentinels = {}
+    for i, name in enumerate(_scalar_names(pattern)):
+        if isinstance(params[name].default, int) and not isinstance(params[name].default, bool):
+            sentinels[name] = (1009 + 2 * i, 2003 + 2 * i)
+        else:
+            sentinels[name] = (1.2345679e-3 * (i + 1), 2.3456791e-3 * (i + 1))
+    return sentinels
+
+
+def _trace_variant(pattern: Pattern, variant: int) -> tuple[torch.fx.Graph, list[Node], list[Node]]:
+    dims: dict[str, int] = {}
+    tensors = []
+    for spec in pattern.inputs.values():
+        dtype = spec[-1] if spec and isinstance(spec[-1], torch.dtype) else _FLOAT_VARIANTS[variant]
+        shape = []
+        for d in spec:
+            if isinstance(d, torch.dtype):
+                continue
+            if isinstance(d, str):
+                d = dims.setdefault(d, 6 + 4 * len(dims) + 2 * variant)
+            shape.append(d)
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, dtype=dtype))
+        else:
+            tensors.append(torch.randint(0, 4, shape, dtype=dtype))
+    scalars = {k: v[variant] for k, v in _scalar_sentinels(pattern).items()}
+    names = list(pattern.inputs)
+
+    def bound(*ts):
+        return pattern.search(**dict(zip(names, ts)), **scalars)
+
+    gm, example_inputs = trace(bound, tuple(tensors))
+    graph = gm.graph
+    graph.eliminate_dead_code()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    by_input = {}
+    for ph, value in zip(placeholders, example_inputs):
+        for name, t in zip(names, tensors):
+            if value is t:
+                by_input[name] = ph
+    if set(by_input) != set(names) or len(placeholders) != len(names):
+        raise ValueError(f"{pattern!r}: every input must be used, and only tensors may be inputs")
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    outs = output.args[0]
+    outputs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return graph, [by_input[n] for n in names], outputs
+
+
+def _generalise(a, b, index, scalars, names, pattern):
+    """Replace the constants of trace 0 that differ in trace 1 by wildcards."""
+    if isinstance(a, Node):
+        if index.get(b) is not a:
+            raise ValueError(f"{pattern!r}: traces differ in operands at {a.name}")
+        return a
+    if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+        return type(a)(_generalise(x, y, index, scalars, names, pattern) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return {k: _generalise(a[k], b[k], index, scalars, names, pattern) for k in a}
+    if isinstance(a, slice) and isinstance(b, slice):
+        parts = [_generalise(x, y, index, scalars, names, pattern) for x, y in _slice_parts(a, b)]
+        return slice(*parts)
+    if isinstance(a, torch.device):
+        return Wildcard("device")  # patterns are traced on CPU; the model may be anywhere
+    if type(a) is type(b) and a == b:
+        return a
+    for name, (s0, s1) in scalars.items():
+        if a == s0 and b == s1:
+            return Wildcard(name)
+    if (a, b) == _FLOAT_VARIANTS:
+        return Wildcard("dtype")
+    key = (a, b)
+    if key not in names:
+        names[key] = f"c{len(names)}"
+    return Wildcard(names[key])
+
+
+def _slice_parts(a: slice, b: slice):
+    return zip((a.start, a.stop, a.step), (b.start, b.stop, b.step))
+
+
+@dataclass
+class Match:
+    """One occurrence of a pattern in a model graph."""
+
+    pattern: Pattern
+    inputs: list[Any]  # model nodes bound to the pattern's inputs, in Pattern.inputs order
+    outputs: list[Node]
+    nodes: list[Node]  # every replaced node, in graph order
+    captures: dict[str, Any]
+    module: str = ""
+    index: int = 0  # occurrence of this pattern within `module`
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.pattern.name, self.module, self.index)
+
+    def input(self, name: str) -> Any:
+        """The example value (a FakeTensor with shape and dtype) of a named input."""
+        node = self.inputs[list(self.pattern.inputs).index(name)]
+        return node.meta.get("example_value") if isinstance(node, Node) else node
+
+    def output(self, i: int = 0) -> Any:
+        return self.outputs[i].meta.get("example_value")
+
+
+@dataclass
+class _Binding:
+    nodes: dict[Node, Any] = field(default_factory=dict)  # pattern node -> model node
+    used: set[Node] = field(default_factory=set)  # model nodes bound to interior pattern nodes
+    wild: dict[str, Any] = field(default_factory=dict)
+    failure: str = ""
+
+    def copy(self) -> _Binding:
+        return _Binding(dict(self.nodes), set(self.used), dict(self.wild), self.failure)
+
+    def fail(self, why: str) -> bool:
+        self.failure = self.failure or why
+        return False
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, Node) or isinstance(b, Node):
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def _match_node(p: Node, n: Any, b: _Binding) -> bool:
+    if p in b.nodes:
+        return b.nodes[p] is n or b.fail(f"{_name(n)} is not the value bound earlier")
+    if p.op == "placeholder":
+        if not isinstance(n, Node):
+            return b.fail(f"constant {n!r} where the pattern has tensor {p.name}")
+        b.nodes[p] = n
+        return True
+    if not isinstance(n, Node):
+        return b.fail(f"constant {n!r} where the pattern computes {_describe(p)}")
+    if n.op != p.op or n.target != p.target:
+        return b.fail(f"{n.name} is {_describe(n)}, the pattern has {_describe(p)}")
+    if n in b.used:
+        return b.fail(f"{n.name} would be matched twice")
+    if len(n.args) != len(p.args) or n.kwargs.keys() != p.kwargs.keys():
+        return b.fail(f"{n.name}: operands differ from the pattern's {_describe(p)}")
+    b.nodes[p] = n
+    b.used.add(n)
+    return all(_match_arg(pa, na, b) for pa, na in zip(p.args, n.args)) and all(
+        _match_arg(p.kwargs[k], n.kwargs[k], b) for k in p.kwargs
+    )
+
+
+def _match_arg(pa: Any, na: Any, b: _Binding) -> bool:
+    if isinstance(pa, Node):
+        return _match_node(pa, na, b)
+    if isinstance(pa, Wildcard):
+        if pa.name in b.wild:
+            return _same_value(b.wild[pa.name], na) or b.fail(f"{pa.name} binds {b.wild[pa.name]!r} and {na!r}")
+        b.wild[pa.name] = na
+        return True
+    if isinstance(pa, (tuple, list)):
+        if not isinstance(na, (tuple, list)) or len(pa) != len(na):
+            return b.fail(f"{na!r} is not a sequence like {pa!r}")
+        return all(_match_arg(x, y, b) for x, y in zip(pa, na))
+    if isinstance(pa, dict):
+        if not isinstance(na, dict) or pa.keys() != na.keys():
+            return b.fail(f"{na!r} differs from {pa!r}")
+        return all(_match_arg(pa[k], na[k], b) for k in pa)
+    if isinstance(pa, slice):
+        if not isinstance(na, slice):
+            return b.fail(f"{na!r} is not a slice")
+        return all(_match_arg(x, y, b) for x, y in _slice_parts(pa, na))
+    return _same_value(pa, na) or b.fail(f"constant {na!r} where the pattern has {pa!r}")
+
+
+def _name(n: Any) -> str:
+    return n.name if isinstance(n, Node) else repr(n)
+
+
+def _describe(n: Node) -> str:
+    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"{n.op} {target}"
+
+
+def _same_kind(p: Node, n: Node) -> bool:
+    return n.op == p.op and n.target == p.target
+
+
+def match_at(pg: PatternGraph, anchor: Node, order: Mapping[Node, int]) -> _Binding:
+    """Bind the pattern's first output to `anchor`, then find its other outputs nearby."""
+    b = _Binding()
+    if not _match_node(pg.outputs[0], anchor, b):
+        return b
+    for p_out in pg.outputs[1:]:
+        if p_out in b.nodes:
+            continue
+        candidates = [n for n in order if _same_kind(p_out, n) and n not in b.used]
+        candidates.sort(key=lambda n: abs(order[n] - order[anchor]))
+        for n in candidates:
+            trial = b.copy()
+            if _match_node(p_out, n, trial):
+                b = trial
+                break
+        else:
+            b.fail(f"no {_describe(p_out)} near {anchor.name} completes the pattern's second output")
+            return b
+    return b
+
+
+@dataclass
+class Rejection:
+    """A structural match that was not applied, or a module a pattern expected to cover."""
+
+    pattern: str
+    module: str
+    reason: str
+
+
+def find_matches(
+    graph: torch.fx.Graph,
+    patterns: Sequence[Pattern],
+    module_of: Callable[[Node], tuple[str, str]],
+) -> tuple[list[Match], list[Rejection]]:
+    """All non-overlapping matches, patterns taken in order (larger ones first).
+
+    module_of(node) -> (module path, module class name) of the innermost module a node came from.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    claimed: set[Node] = set()
+    matches: list[Match] = []
+    rejections: list[Rejection] = []
+    for pattern in patterns:
+        pg = pattern.graph
+        anchor_p = pg.outputs[0]
+        near_misses: dict[str, tuple[int, str]] = {}  # module -> the failure that got furthest
+        for node in graph.nodes:
+            if not _same_kind(anchor_p, node) or node in claimed:
+                continue
+            b = match_at(pg, node, order)
+            module, cls = module_of(node)
+            if b.failure:
+                if pattern.expect and cls.endswith(pattern.expect):
+                    near_misses[module] = max(near_misses.get(module, (-1, "")), (len(b.nodes), b.failure))
+                continue
+            m = _make_match(pattern, pg, b, order, module_of)
+            if claimed.intersection(m.nodes):
+                continue
+            reason = _blocked(m, order) or (pattern.guard(m) if pattern.guard else None)
+            if reason:
+                rejections.append(Rejection(pattern.name, m.module, reason))
+                continue
+            m.index = sum(1 for x in matches if x.pattern is pattern and x.module == m.module)
+            claimed.update(m.nodes)
+            matches.append(m)
+        covered = {m.module for m in matches if m.pattern is pattern} | {r.module for r in rejections}
+        for module, (_, why) in near_misses.items():
+            if not any(c == module or c.startswith(module + ".") for c in covered):
+                rejections.append(Rejection(pattern.name, module, f"no structural match: {why}"))
+    return matches, rejections
+
+
+def _make_match(pattern, pg, b, order, module_of) -> Match:
+    interior = sorted((n for p, n in b.nodes.items() if p.op != "placeholder"), key=order.__getitem__)
+    modules = [module_of(n)[0] for n in interior]
+    return Match(
+        pattern=pattern,
+        inputs=[b.nodes[p] for p in pg.inputs],
+        outputs=[b.nodes[p] for p in pg.outputs],
+        nodes=interior,
+        captures=dict(b.wild),
+        module=_common_module(modules),
+    )
+
+
+def _common_module(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common = []
+    for level in zip(*parts):
+        if any(x != level[0] for x in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _blocked(m: Match, order: Mapping[Node, int]) -> str | None:
+    """Why the match cannot be replaced by one node: an interior value escapes, or the
+    replacement would have to run both before and after some outside node."""
+    inside = set(m.nodes)
+    outputs = set(m.outputs)
+    for n in m.nodes:
+        if n in outputs:
+            continue
+        outside = [u for u in n.users if u not in inside]
+        if outside:
+            return f"value of {n.name} escapes the pattern (used by {outside[0].name})"
+    external_users = [u for o in m.outputs for u in o.users if u not in inside]
+    inputs = [x for x in external_inputs(m) if x in order]
+    if external_users and inputs:
+        if max(order[x] for x in inputs) > min(order[u] for u in external_users):
+            return "an input is computed after a use of an output (not convex)"
+    return None
+
+
+def external_inputs(m: Match) -> list[Node]:
+    """Every node outside the match that a replaced node reads, in first-use order."""
+    inside = set(m.nodes)
+    seen: dict[Node, None] = {}
+    for n in m.nodes:
+        for x in n.all_input_nodes:
+            if x not in inside:
+                seen.setdefault(x)
+    return list(seen)

@@ -1,0 +1,322 @@
+"""optimize(model): capture, match, replace, verify, report; the model object is kept.
+
+The Hugging Face causal LM inside the model (under a PEFT wrapper, if any) gets an instance
+`forward` that, in training with gradients enabled, runs through the Dynamo-captured and
+rewritten graph; everywhere else (eval, no_grad, generate) it runs the original forward, so
+what the model returns to its callers never changes shape."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Node
+
+import patterns as _builtin_pattern_files  # noqa: F401  (importing registers them)
+from rewriter import registry
+from rewriter.capture import compile_with, graph_break_reasons
+from rewriter.match import Match, Pattern, find_matches
+from rewriter.replace import rewrite
+from rewriter.report import MatchRecord, RewriteReport, WholeModelCheck
+from rewriter.verify import check_match, record_values, relative_error
+
+# Whole-model check, in the model's dtype (no float64 judge here, the per-match checks are
+# the strict ones): the largest relative difference in loss and in any trainable gradient
+# between the original and the rewritten model that still counts as rounding, not wiring.
+WHOLE_MODEL_BOUNDS = {
+    torch.float32: (1e-5, 1e-3),
+    torch.float16: (2e-3, 5e-2),
+    torch.bfloat16: (1e-2, 1e-1),
+}
+
+_REPORTS: weakref.WeakKeyDictionary[torch.nn.Module, RewriteReport] = weakref.WeakKeyDictionary()
+
+
+class GraftError(RuntimeError):
+    """Raised under strict=True when graft cannot rewrite or verify a model."""
+
+
+def report(model: torch.nn.Module) -> RewriteReport:
+    """The rewrite report of a model passed to optimize()."""
+    if model not in _REPORTS:
+        raise KeyError("this model was not passed to rewriter.optimize()")
+    return _REPORTS[model]
+
+
+def optimize(
+    model: torch.nn.Module,
+    *,
+    sample: Mapping[str, Any] | None = None,
+    verify: bool = True,
+    strict: bool = False,
+    patterns: Sequence[str | Pattern] | None = None,
+) -> torch.nn.Module:
+    """Rewrite `model` (a Hugging Face causal LM, plain or PEFT-wrapped) to train through
+    graft's kernels, verify it on `sample` (a batch dict; one is made from the config if
+    None) and return the same model object. See `report(model)` for what happened."""
+    hf = _causal_lm(model)
+    model_type = getattr(getattr(hf, "config", None), "model_type", None) or type(hf).__name__
+    rep = RewriteReport(model_type=model_type, verify=verify)
+    _REPORTS[model] = rep
+    _REPORTS[hf] = rep
+    chosen = _choose_patterns(model_type, patterns)
+    if chosen is None:
+        known = ", ".join(registry.architectures())
+        rep.add_fallback(None, None, f"no pattern set applies to {model_type!r} (pattern sets: {known})")
+    elif not hasattr(hf, "config") or not hasattr(hf, "get_input_embeddings"):
+        rep.add_fallback(None, None, f"{type(hf).__name__} is not a Hugging Face causal LM")
+        chosen = None
+    if chosen is None:
+        _finish(rep, strict)
+        return model
+    rep.patterns = [p.name for p in chosen]
+    session = _Session(hf, chosen, rep, verify, strict)
+    batch = dict(sample) if sample is not None else synthesize_sample(hf)
+    rep.sample_tokens = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+    session.first_call(batch)
+    _finish(rep, strict)
+    return model
+
+
+def _finish(rep: RewriteReport, strict: bool) -> None:
+    if strict and (
+        rep.fallbacks or (rep.verify and not rep.verified) or any(m.status == "reverted" for m in rep.matches)
+    ):
+        raise GraftError(f"graft could not rewrite this model as asked (strict=True):\n{rep}")
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _choose_patterns(model_type: str, names: Sequence[str | Pattern] | None) -> list[Pattern] | None:
+    if names is None:
+        return registry.patterns_for(model_type)
+    return [p if isinstance(p, Pattern) else registry.pattern_named(p) for p in names]
+
+
+def synthesize_sample(hf: torch.nn.Module, batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
+    """Random token ids (seed 0) with labels: enough to exercise every pattern."""
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    device = hf.get_input_embeddings().weight.device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, length), generator=gen).to(device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class _ModuleIndex:
+    """Maps a graph node to the module it came from, as a path of `named_modules()`."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.by_id = {str(id(m)): (name, type(m).__name__) for name, m in root.named_modules()}
+
+    def __call__(self, node: Node) -> tuple[str, str]:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return "", ""
+        key, (path, cls) = list(stack.items())[-1]
+        if key in self.by_id:
+            return self.by_id[key]
+        return path, getattr(cls, "__name__", str(cls))
+
+
+class _RewrittenGraph:
+    """What our Dynamo backend returns: the current rewrite of one captured graph. Reverting
+    a replacement swaps `current`, without recompiling anything."""
+
+    def __init__(self, session: _Session, gm: torch.fx.GraphModule, matches: list[Match]):
+        self.session, self.original, self.matches = session, gm, matches
+        self.current = gm
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        keep = [m for m in self.matches if self.session.decisions.get(m.key, False)]
+        self.current = rewrite(self.original, keep)
+
+    def __call__(self, *args: Any) -> Any:
+        self.session.ran = True
+        return self.current(*args)
+
+
+class _Session:
+    def __init__(self, hf: torch.nn.Module, patterns: list[Pattern], rep: RewriteReport, verify: bool, strict: bool):
+        self.hf, self.patterns, self.report, self.verify, self.strict = hf, patterns, rep, verify, strict
+        self.decisions: dict[tuple[str, str, int], bool] = {}
+        self.graphs: list[_RewrittenGraph] = []
+        self.module_of = _ModuleIndex(hf)
+        self.ran = False
+        self.original_forward = hf.forward
+        self.compiled = compile_with(self.original_forward, self.backend, type(hf).__name__)
+
+        @functools.wraps(self.original_forward)
+        def forward(*args, **kwargs):
+            return self.forward(*args, **kwargs)
+
+        hf.forward = forward
+
+    # -- running ---------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.hf.training and torch.is_grad_enabled()):
+            return self.original_forward(*args, **kwargs)
+        self.ran = False
+        graphs_before, breaks_before = len(self.graphs), graph_break_reasons()
+        out = self.compiled(*args, **kwargs)
+        if len(self.graphs) > graphs_before:
+            for reason, n in graph_break_reasons().items():
+                if n > breaks_before.get(reason, 0):
+                    self.report.graph_breaks[reason] = (
+                        self.report.graph_breaks.get(reason, 0) + n - breaks_before.get(reason, 0)
+                    )
+        if not self.ran:
+            why = "Dynamo ran the original forward (recompile limit or capture error)"
+            if all(f.reason != why for f in self.report.fallbacks):
+                warnings.warn(f"graft: {why}; this step ran unoptimized", stacklevel=3)
+            self.report.add_fallback(None, None, why)
+            if self.strict:
+                raise GraftError(str(self.report))
+        return out
+
+    def backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> _RewrittenGraph:
+        self.report.graphs += 1
+        matches, rejections = find_matches(gm.graph, self.patterns, self.module_of)
+        for r in rejections:
+            self.report.add_fallback(r.pattern, r.module, r.reason)
+        new = [m for m in matches if m.key not in self.decisions]
+        checks = {}
+        if self.verify and new:
+            values = record_values(gm, example_inputs, new)
+            checks = {m.key: check_match(gm, m, values) for m in new}
+        for m in new:
+            check = checks.get(m.key)
+            passed = check is None or check.passed
+            self.decisions[m.key] = passed
+            self.report.matches.append(_record(m, check, passed))
+        graph = _RewrittenGraph(self, gm, matches)
+        self.graphs.append(graph)
+        return graph
+
+    # -- verifying -------------------------------------------------------------------------
+    def first_call(self, sample: dict[str, Any]) -> None:
+        """Capture (and verify) on the sample, so the report exists when optimize returns."""
+        was_training = self.hf.training
+        self.hf.train()
+        params = [(n, p) for n, p in self.hf.named_parameters() if p.requires_grad]
+        stashed = {n: p.grad for n, p in params}
+        try:
+            if not self.verify:
+                with torch.random.fork_rng(devices=_cuda_devices(self.hf)), torch.enable_grad():
+                    self.forward(**sample)
+                return
+            reference = self._loss_and_grads(self.original_forward, sample, params)
+            check = self._compare(reference, self._loss_and_grads(self.forward, sample, params))
+            if not check.passed:
+                check = self._revert_culprit(reference, sample, params, check)
+            self.report.whole_model = check
+        finally:
+            for n, p in params:
+                p.grad = stashed[n]
+            self.hf.train(was_training)
+
+    def _loss_and_grads(self, forward, sample, params, seed: int = 0):
+        for _, p in params:
+            p.grad = None
+        with torch.random.fork_rng(devices=_cuda_devices(self.hf)), torch.enable_grad():
+            torch.manual_seed(seed)
+            out = forward(**sample)
+            loss = out.loss if getattr(out, "loss", None) is not None else out.logits.float().square().mean()
+            loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
+        for _, p in params:
+            p.grad = None
+        return loss.detach().float().item(), grads
+
+    def _compare(self, reference, rewritten) -> WholeModelCheck:
+        (loss_a, grads_a), (loss_b, grads_b) = reference, rewritten
+        dtype = getattr(self.hf, "dtype", torch.float32)
+        loss_bound, grad_bound = WHOLE_MODEL_BOUNDS.get(dtype, WHOLE_MODEL_BOUNDS[torch.float32])
+        total = math.sqrt(sum(g.double().norm().item() ** 2 for g in grads_a.values()))
+        worst, worst_name = 0.0, ""
+        for name in grads_a.keys() | grads_b.keys():
+            a, b = grads_a.get(name), grads_b.get(name)
+            if a is None or b is None:
+                err = math.inf if (a if a is not None else b).any() else 0.0
+            else:
+                diff = (a.double() - b.double()).norm().item()
+                err = diff / max(a.double().norm().item(), 1e-3 * total, 1e-30)
+                if not torch.isfinite(b).all():
+                    err = math.inf
+            if err > worst:
+                worst, worst_name = err, name
+        loss_err = relative_error(torch.tensor(loss_b), torch.tensor(loss_a))
+        return WholeModelCheck(
+            dtype=str(dtype).removeprefix("torch."),
+            loss_original=loss_a,
+            loss_rewritten=loss_b,
+            loss_error=loss_err,
+            grad_error=worst,
+            grad_worst=worst_name,
+            loss_bound=loss_bound,
+            grad_bound=grad_bound,
+        )
+
+    def _revert_culprit(self, reference, sample, params, failed: WholeModelCheck) -> WholeModelCheck:
+        """The whole model disagrees although each replacement passed alone: revert one
+        pattern at a time until it agrees; if none suffices, revert them all."""
+        applied = list(dict.fromkeys(k[0] for k, ok in self.decisions.items() if ok))
+        for name in applied + [None]:
+            reverted = [k for k, ok in self.decisions.items() if ok and (name is None or k[0] == name)]
+            for k in reverted:
+                self.decisions[k] = False
+            self._rebuild()
+            check = self._compare(reference, self._loss_and_grads(self.forward, sample, params))
+            if check.passed or name is None:
+                why = (
+                    f"whole-model check failed (loss rel {failed.loss_error:.1e}, grad rel "
+                    f"{failed.grad_error:.1e} at {failed.grad_worst}); reverted"
+                )
+                for rec in self.report.matches:
+                    if (rec.pattern, rec.module) in {(k[0], k[1]) for k in reverted}:
+                        rec.status, rec.reason = "reverted", why
+                self.report.add_fallback(name, None, why)
+                return check
+            for k in reverted:
+                self.decisions[k] = True
+        raise AssertionError("unreachable")
+
+    def _rebuild(self) -> None:
+        for graph in self.graphs:
+            graph.rebuild()
+
+
+def _record(m: Match, check, passed: bool) -> MatchRecord:
+    rec = MatchRecord(
+        pattern=m.pattern.name,
+        module=m.module,
+        nodes=[n.name for n in m.nodes],
+        status="unverified" if check is None else ("applied" if passed else "reverted"),
+    )
+    if check is not None:
+        rec.comparisons = [
+            {"what": c.what, "ours": c.ours, "eager": c.eager, "bound": c.bound, "dtype": c.dtype}
+            for c in check.comparisons
+        ]
+        rec.saved_bytes_eager, rec.saved_bytes_ours = check.saved_bytes_eager, check.saved_bytes_ours
+        if not passed:
+            worst = check.worst
+            rec.reason = check.error or (
+                f"verification failed: {worst.what} error {worst.ours:.2e} > bound {worst.bound:.2e} "
+                f"(eager {worst.eager:.2e})"
+            )
+    return rec
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[torch.device]:
+    return list({p.device for p in model.parameters() if p.is_cuda})

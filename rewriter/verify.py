@@ -1,0 +1,256 @@
+"""Verify: every replacement against the float64 run of the subgraph it replaces.
+
+Each match is checked on the real values its subgraph saw in the sample. Three runs of the
+same inputs and the same output cotangents: the original subgraph in the model's dtype
+(eager), the original subgraph in float64 (the judge: every float tensor and every floating
+dtype constant promoted), and the replacement. For each output and each gradient (inputs,
+trainable parameters) the replacement passes when
+
+    err(ours) <= ERROR_FACTOR * err(eager) + SLACK * unit_roundoff(dtype)
+
+with err(t) = ||t - t64|| / ||t64||. The slack only matters where eager happens to be exact.
+Cost: one forward of the graph on the sample (no grad, values kept only at match inputs)
+and three small forward+backward runs per match; nothing of the whole model is promoted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Node
+
+from rewriter.match import Match, external_inputs
+
+ERROR_FACTOR = 2.0
+SLACK = 1 / 16
+
+# Ops with no float64 kernel (bitsandbytes' 4-bit matmuls): target -> float64 equivalent.
+FLOAT64_LOWERINGS: dict[Any, Callable[..., Any]] = {}
+_TO_FLOAT64 = {torch.float16, torch.bfloat16, torch.float32}
+_FLOAT_METHODS = {"float", "half", "bfloat16"}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def relative_error(value: torch.Tensor | None, reference: torch.Tensor | None) -> float:
+    if reference is None:
+        return 0.0 if value is None or not value.any() else math.inf
+    reference = reference.detach().double()
+    if value is None:
+        value = torch.zeros_like(reference)
+    value = value.detach().double()
+    if not torch.isfinite(value).all():
+        return math.inf
+    diff = (value - reference).norm().item()
+    norm = reference.norm().item()
+    return diff / norm if norm > 0 else diff
+
+
+@dataclass
+class Comparison:
+    what: str  # "output 0", "grad hidden_states", ...
+    ours: float
+    eager: float
+    dtype: str
+
+    @property
+    def bound(self) -> float:
+        return ERROR_FACTOR * self.eager + SLACK * unit_roundoff(getattr(torch, self.dtype))
+
+    @property
+    def passed(self) -> bool:
+        return self.ours <= self.bound
+
+
+@dataclass
+class MatchCheck:
+    comparisons: list[Comparison] = field(default_factory=list)
+    saved_bytes_eager: int = 0
+    saved_bytes_ours: int = 0
+    error: str | None = None  # an exception raised by the replacement
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(c.passed for c in self.comparisons)
+
+    @property
+    def worst(self) -> Comparison | None:
+        return max(self.comparisons, key=lambda c: c.ours / max(c.bound, 1e-30), default=None)
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[Node]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[Node, Any] = {}
+
+    def run_node(self, n: Node) -> Any:
+        value = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = value
+        return value
+
+
+def record_values(gm: torch.fx.GraphModule, example_inputs: list[Any], matches: list[Match]) -> dict[Node, Any]:
+    """Run the original graph once (no grad) and keep the values entering each match."""
+    wanted = {x for m in matches for x in external_inputs(m)}
+    recorder = _Recorder(gm, wanted)
+    with torch.no_grad():
+        recorder.run(*example_inputs)
+    return recorder.values
+
+
+def extract(gm: torch.fx.GraphModule, m: Match) -> tuple[torch.fx.GraphModule, list[Node]]:
+    """The matched nodes as a GraphModule of their own, inputs first."""
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    inputs = external_inputs(m)
+    for x in inputs:
+        env[x] = graph.placeholder(x.name)
+    for n in m.nodes:
+        env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(tuple(env[o] for o in m.outputs))
+    return torch.fx.GraphModule(gm, graph), inputs
+
+
+def to_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The same graph computing in float64: floating dtype constants promoted, `.float()`
+    made `.double()`, ops without a float64 kernel lowered."""
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    for n in gm.graph.nodes:
+        new = graph.node_copy(n, env.__getitem__)
+        new.args = _promote(new.args)
+        new.kwargs = _promote(new.kwargs)
+        if new.op == "call_method" and new.target in _FLOAT_METHODS:
+            new.target = "double"
+        if new.op == "call_function" and new.target in FLOAT64_LOWERINGS:
+            new.target = FLOAT64_LOWERINGS[new.target]
+        env[n] = new
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _promote(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return torch.float64 if value in _TO_FLOAT64 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_promote(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _promote(v) for k, v in value.items()}
+    return value
+
+
+def _wants_grad(value: Any) -> bool:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return False
+    return value.requires_grad if isinstance(value, torch.nn.Parameter) else True
+
+
+def _leaf(value: Any, dtype: torch.dtype | None = None) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    t = value.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.requires_grad_(_wants_grad(value))
+
+
+@contextlib.contextmanager
+def saved_tensor_meter(already_alive: list[Any]) -> Iterator[dict[int, int]]:
+    """Bytes of new storage that autograd saves for backward inside the block."""
+    alive = {t.untyped_storage().data_ptr() for t in already_alive if isinstance(t, torch.Tensor)}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            return t
+        if storage.data_ptr() not in alive:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+def _cotangent(out: torch.Tensor, i: int, seed: int) -> torch.Tensor:
+    """The same random output gradient for every run: bf16 values, exact in every float dtype
+    we run (so the float64 judge and the eager run differentiate the same cotangent)."""
+    gen = torch.Generator(device=out.device).manual_seed(seed + 1 + i)
+    drawn = torch.randn(out.shape, dtype=torch.float32, device=out.device, generator=gen)
+    return drawn.to(torch.bfloat16).to(torch.float64)
+
+
+def _run(fn: Callable[..., Any], args: list[Any], grad_of: list[int], seed: int):
+    """Forward under a fixed seed, then the gradients of the chosen inputs."""
+    with torch.random.fork_rng(devices=_devices(args)):
+        torch.manual_seed(seed)
+        with saved_tensor_meter(args) as saved:
+            outs = fn(*args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    cotangents = [_cotangent(o, i, seed) for i, o in enumerate(outs)]
+    pairs = [(o, c.to(o.dtype)) for o, c in zip(outs, cotangents) if o.requires_grad]
+    wrt = [args[i] for i in grad_of]
+    grads: list[torch.Tensor | None] = [None] * len(wrt)
+    if pairs and wrt:
+        grads = list(torch.autograd.grad([o for o, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True))
+    return [o.detach() for o in outs], grads, sum(saved.values())
+
+
+def _devices(args: list[Any]) -> list[torch.device]:
+    return list({a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+
+
+def check_match(gm: torch.fx.GraphModule, m: Match, values: dict[Node, Any], seed: int = 0) -> MatchCheck:
+    sub, inputs = extract(gm, m)
+    vals = [values[x] for x in inputs]
+    grad_of = [i for i, v in enumerate(vals) if _wants_grad(v)]
+    position = {x: i for i, x in enumerate(inputs)}
+    check = MatchCheck()
+    out_eager, grad_eager, check.saved_bytes_eager = _run(sub, [_leaf(v) for v in vals], grad_of, seed)
+    out_64, grad_64, _ = _run(to_float64(sub), [_leaf(v, torch.float64) for v in vals], grad_of, seed)
+
+    ours_args = [_leaf(v) for v in vals]
+    captures = {k: ours_args[position[v]] if isinstance(v, Node) else v for k, v in m.captures.items()}
+    pattern_inputs = [ours_args[position[x]] for x in m.inputs]
+
+    def replacement(*_):
+        return m.pattern.replace(*pattern_inputs, **captures)
+
+    try:
+        out_ours, grad_ours, check.saved_bytes_ours = _run(replacement, ours_args, grad_of, seed)
+    except Exception as exc:  # a broken replacement is reported, never raised into the model
+        check.error = f"{type(exc).__name__}: {exc}"
+        return check
+    if len(out_ours) != len(out_eager):
+        check.error = f"replacement returned {len(out_ours)} outputs, the subgraph {len(out_eager)}"
+        return check
+    for i, (o, e, r) in enumerate(zip(out_ours, out_eager, out_64)):
+        if o.shape != e.shape or o.dtype != e.dtype:
+            check.error = f"output {i}: {tuple(o.shape)} {o.dtype}, expected {tuple(e.shape)} {e.dtype}"
+            return check
+        check.comparisons.append(Comparison(f"output {i}", relative_error(o, r), relative_error(e, r), _dt(e)))
+    for k, i in enumerate(grad_of):
+        name = inputs[i].name
+        check.comparisons.append(
+            Comparison(
+                f"grad {name}",
+                relative_error(grad_ours[k], grad_64[k]),
+                relative_error(grad_eager[k], grad_64[k]),
+                _dt(vals[i]),
+            )
+        )
+    return check
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")

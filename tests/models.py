@@ -1,0 +1,71 @@
+"""Tiny real transformers/peft models built in the test process: random weights, no downloads."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+VOCAB = 160
+LAYERS = 2
+
+
+def tiny_config(model_type: str):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    if model_type == "llama":
+        return LlamaConfig(**common, rms_norm_eps=1e-5)
+    if model_type == "mistral":
+        return MistralConfig(**common, rms_norm_eps=1e-6, sliding_window=None, rope_theta=1e6)
+    raise ValueError(model_type)
+
+
+def tiny_causal_lm(model_type: str, *, dtype=torch.float32, lora: bool = True, seed: int = 0, **lora_kwargs):
+    torch.manual_seed(seed)
+    if model_type == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4))
+    else:
+        cls = LlamaForCausalLM if model_type == "llama" else MistralForCausalLM
+        model = cls(tiny_config(model_type))
+    model = model.to(dtype)
+    if lora:
+        config = dict(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+        config.update(lora_kwargs)
+        model = get_peft_model(model, LoraConfig(**config))
+    return model
+
+
+def batch(seed: int, length: int = 19, size: int = 2) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (size, length), generator=gen)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def train_losses(model, steps: int = 5, lr: float = 1e-3) -> list[float]:
+    """AdamW on fresh random batches of varying length; the loss of each step."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model(**batch(100 + step, length=13 + 6 * step)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
