@@ -52,6 +52,8 @@ class Pattern:
         constants) to refuse; the reason goes into the report.
     expect: class-name suffixes of modules this pattern should cover; such a module left
         uncovered is reported with the reason the match failed there.
+    drops_graph_outputs: an interior value whose only outside use is the graph's output
+        (the logits a loss pattern consumes) is returned as None instead of blocking the match.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Pattern:
     replace: Callable[..., Any]
     guard: Callable[[Match], str | None] | None = None
     expect: tuple[str, ...] = ()
+    drops_graph_outputs: bool = False
 
     @property
     def source(self) -> str:
@@ -201,6 +204,7 @@ class Match:
     captures: dict[str, Any]
     module: str = ""
     index: int = 0  # occurrence of this pattern within `module`
+    dropped: list[Node] = field(default_factory=list)  # interior values dropped from the graph output
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -400,7 +404,9 @@ def _blocked(m: Match, order: Mapping[Node, int]) -> str | None:
         if n in outputs:
             continue
         outside = [u for u in n.users if u not in inside]
-        if outside:
+        if m.pattern.drops_graph_outputs and outside and all(u.op == "output" for u in outside):
+            m.dropped.append(n)
+        elif outside:
             return f"value of {n.name} escapes the pattern (used by {outside[0].name})"
     external_users = [u for o in m.outputs for u in o.users if u not in inside]
     inputs = [x for x in external_inputs(m) if x in order]

@@ -301,6 +301,7 @@ def _record(m: Match, check, passed: bool) -> MatchRecord:
         pattern=m.pattern.name,
         module=m.module,
         nodes=[n.name for n in m.nodes],
+        dropped=[n.name for n in m.dropped],
         status="unverified" if check is None else ("applied" if passed else "reverted"),
     )
     if check is not None:

@@ -55,5 +55,8 @@ def _collapse(graph: torch.fx.Graph, m: Match, copied: dict[Node, Node]) -> None
             out.replace_all_uses_with(item)
             copied[m.outputs[i]] = item
             previous = item
+    for n in (copied[d] for d in m.dropped):
+        for user in list(n.users):  # only the graph's output node (checked by the matcher)
+            user.args = torch.fx.node.map_arg(user.args, lambda a, n=n: None if a is n else a)
     for n in reversed(interior):
         graph.erase_node(n)

@@ -18,6 +18,7 @@ class MatchRecord:
     saved_bytes_eager: int = 0  # activations autograd keeps for this subgraph, on the sample
     saved_bytes_ours: int = 0
     reason: str | None = None
+    dropped: list[str] = field(default_factory=list)  # graph outputs now returned as None
 
     @property
     def worst(self) -> dict[str, Any] | None:
@@ -136,8 +137,11 @@ class RewriteReport:
                 f"(rel {w.loss_error:.1e}, bound {w.loss_bound:.0e}); worst grad rel {w.grad_error:.1e} "
                 f"(bound {w.grad_bound:.0e}) at {w.grad_worst or '-'}"
             )
+        for name in dict.fromkeys(m.pattern for m in self.matches if m.dropped and m.status != "reverted"):
+            dropped = sorted({d for m in self.matches if m.pattern == name for d in m.dropped})
+            lines.append(f"  {name}: in training these graph outputs are returned as None: {', '.join(dropped)}")
         for reason, count in self.graph_breaks.items():
-            lines.append(f"  graph break x{count}: {reason}")
+            lines.append(f"  graph break x{count}: {reason.strip().splitlines()[0]}")
         for f in self.fallbacks:
             where = " ".join(x for x in (f.pattern, f.module) if x)
             lines.append(f"  fallback {where}: {f.reason}" if where else f"  fallback: {f.reason}")

@@ -148,19 +148,20 @@ def _promote(value: Any) -> Any:
     return value
 
 
-def _wants_grad(value: Any) -> bool:
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        return False
-    return value.requires_grad if isinstance(value, torch.nn.Parameter) else True
+def _wants_grad(node: Node) -> bool:
+    """Whether the model computes a gradient for this input: trainable parameters and
+    activations that depend on them (as Dynamo recorded when it captured the graph)."""
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
 
-def _leaf(value: Any, dtype: torch.dtype | None = None) -> Any:
+def _leaf(value: Any, wants_grad: bool, dtype: torch.dtype | None = None) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
     t = value.detach()
     if dtype is not None and t.is_floating_point():
         t = t.to(dtype)
-    return t.requires_grad_(_wants_grad(value))
+    return t.requires_grad_(wants_grad)
 
 
 @contextlib.contextmanager
@@ -213,13 +214,17 @@ def _devices(args: list[Any]) -> list[torch.device]:
 def check_match(gm: torch.fx.GraphModule, m: Match, values: dict[Node, Any], seed: int = 0) -> MatchCheck:
     sub, inputs = extract(gm, m)
     vals = [values[x] for x in inputs]
-    grad_of = [i for i, v in enumerate(vals) if _wants_grad(v)]
+    grad_of = [i for i, x in enumerate(inputs) if _wants_grad(x)]
+
+    def leaves(dtype=None):
+        return [_leaf(v, i in grad_of, dtype) for i, v in enumerate(vals)]
+
     position = {x: i for i, x in enumerate(inputs)}
     check = MatchCheck()
-    out_eager, grad_eager, check.saved_bytes_eager = _run(sub, [_leaf(v) for v in vals], grad_of, seed)
-    out_64, grad_64, _ = _run(to_float64(sub), [_leaf(v, torch.float64) for v in vals], grad_of, seed)
+    out_eager, grad_eager, check.saved_bytes_eager = _run(sub, leaves(), grad_of, seed)
+    out_64, grad_64, _ = _run(to_float64(sub), leaves(torch.float64), grad_of, seed)
 
-    ours_args = [_leaf(v) for v in vals]
+    ours_args = leaves()
     captures = {k: ours_args[position[v]] if isinstance(v, Node) else v for k, v in m.captures.items()}
     pattern_inputs = [ours_args[position[x]] for x in m.inputs]
 

@@ -125,3 +125,28 @@ def test_matches_never_overlap():
     matches, _ = find_matches(gm.graph, [RMSNORM, RMSNORM], no_module)
     assert len(matches) == 2
     assert not set(matches[0].nodes) & set(matches[1].nodes)
+
+
+def sum_of_exp(x):
+    return x.exp().sum()
+
+
+def test_an_interior_value_returned_by_the_graph_is_dropped_only_when_allowed():
+    def model(x):
+        e = x.exp()
+        return e.sum(), e  # like a loss and the logits it was computed from
+
+    x = torch.randn(5)
+    gm = capture(model, x)
+    strict = Pattern(name="strict", search=sum_of_exp, inputs={"x": ("T",)}, replace=sum_of_exp)
+    matches, rejections = find_matches(gm.graph, [strict], no_module)
+    assert not matches and "escapes" in rejections[0].reason
+
+    dropping = Pattern(
+        name="dropping", search=sum_of_exp, inputs={"x": ("T",)}, replace=sum_of_exp, drops_graph_outputs=True
+    )
+    matches, _ = find_matches(gm.graph, [dropping], no_module)
+    assert len(matches) == 1 and [n.name for n in matches[0].dropped] == ["e"]
+    total, dropped = rewrite(gm, matches)(x)
+    assert dropped is None
+    torch.testing.assert_close(total, x.exp().sum())
