@@ -73,6 +73,9 @@ class Pattern:
     def graph(self) -> PatternGraph:
         return PatternGraph.build(self)
 
+    def candidates(self, ctx: GraphContext, claimed: set[Node]):
+        return _traced_candidates(self, ctx, claimed)
+
     def __repr__(self) -> str:
         return f"Pattern({self.name!r} at {self.source})"
 
@@ -205,6 +208,11 @@ class Match:
     module: str = ""
     index: int = 0  # occurrence of this pattern within `module`
     dropped: list[Node] = field(default_factory=list)  # interior values dropped from the graph output
+    replace: Callable[..., Any] | None = None  # what runs instead; pattern.replace unless bound per match
+
+    def __post_init__(self):
+        if self.replace is None:
+            self.replace = self.pattern.replace
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -329,38 +337,61 @@ class Rejection:
     reason: str
 
 
+@dataclass
+class GraphContext:
+    """What a matcher may consult besides the graph."""
+
+    graph: torch.fx.Graph
+    module_of: Callable[[Node], tuple[str, str]]  # node -> (module path, class name) it came from
+    modules: Mapping[str, torch.nn.Module] = field(default_factory=dict)  # path -> module
+    values: Mapping[Node, Any] = field(default_factory=dict)  # placeholder -> its real value
+
+    @cached_property
+    def order(self) -> dict[Node, int]:
+        return {n: i for i, n in enumerate(self.graph.nodes)}
+
+
+@dataclass
+class Candidate:
+    """A place a pattern was tried: a Match, or why it failed and how far it got."""
+
+    module: str
+    cls: str
+    match: Match | None = None
+    failure: str = ""
+    depth: int = 0
+    reason: str | None = None  # a structural match refused (guard, binding)
+
+
 def find_matches(
     graph: torch.fx.Graph,
-    patterns: Sequence[Pattern],
+    patterns: Sequence[Any],
     module_of: Callable[[Node], tuple[str, str]],
+    modules: Mapping[str, torch.nn.Module] | None = None,
+    values: Mapping[Node, Any] | None = None,
 ) -> tuple[list[Match], list[Rejection]]:
     """All non-overlapping matches, patterns taken in order (larger ones first).
 
-    module_of(node) -> (module path, module class name) of the innermost module a node came from.
-    """
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    A pattern is a traced `Pattern` or a `ModulePattern` (rewriter/module_match.py); each
+    offers candidates, and this loop applies the rules common to both: no overlap, no escaping
+    value, a convex subgraph, and a guard."""
+    ctx = GraphContext(graph, module_of, modules or {}, values or {})
     claimed: set[Node] = set()
     matches: list[Match] = []
     rejections: list[Rejection] = []
     for pattern in patterns:
-        pg = pattern.graph
-        anchor_p = pg.outputs[0]
         near_misses: dict[str, tuple[int, str]] = {}  # module -> the failure that got furthest
-        for node in graph.nodes:
-            if not _same_kind(anchor_p, node) or node in claimed:
+        for c in pattern.candidates(ctx, claimed):
+            if c.match is None and c.reason is None:
+                if pattern.expect and c.cls.endswith(pattern.expect):
+                    near_misses[c.module] = max(near_misses.get(c.module, (-1, "")), (c.depth, c.failure))
                 continue
-            b = match_at(pg, node, order)
-            module, cls = module_of(node)
-            if b.failure:
-                if pattern.expect and cls.endswith(pattern.expect):
-                    near_misses[module] = max(near_misses.get(module, (-1, "")), (len(b.nodes), b.failure))
+            m = c.match
+            if m is not None and claimed.intersection(m.nodes):
                 continue
-            m = _make_match(pattern, pg, b, order, module_of)
-            if claimed.intersection(m.nodes):
-                continue
-            reason = _blocked(m, order) or (pattern.guard(m) if pattern.guard else None)
+            reason = c.reason or _blocked(m, ctx.order) or (pattern.guard(m) if pattern.guard else None)
             if reason:
-                rejections.append(Rejection(pattern.name, m.module, reason))
+                rejections.append(Rejection(pattern.name, m.module if m else c.module, reason))
                 continue
             m.index = sum(1 for x in matches if x.pattern is pattern and x.module == m.module)
             claimed.update(m.nodes)
@@ -370,6 +401,20 @@ def find_matches(
             if not any(c == module or c.startswith(module + ".") for c in covered):
                 rejections.append(Rejection(pattern.name, module, f"no structural match: {why}"))
     return matches, rejections
+
+
+def _traced_candidates(pattern: Pattern, ctx: GraphContext, claimed: set[Node]):
+    pg = pattern.graph
+    anchor_p = pg.outputs[0]
+    for node in ctx.graph.nodes:
+        if not _same_kind(anchor_p, node) or node in claimed:
+            continue
+        b = match_at(pg, node, ctx.order)
+        module, cls = ctx.module_of(node)
+        if b.failure:
+            yield Candidate(module, cls, failure=b.failure, depth=len(b.nodes))
+        else:
+            yield Candidate(module, cls, match=_make_match(pattern, pg, b, ctx.order, ctx.module_of))
 
 
 def _make_match(pattern, pg, b, order, module_of) -> Match:

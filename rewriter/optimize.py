@@ -152,6 +152,8 @@ class _Session:
         self.decisions: dict[tuple[str, str, int], bool] = {}
         self.graphs: list[_RewrittenGraph] = []
         self.module_of = _ModuleIndex(hf)
+        self.modules = dict(hf.named_modules())
+        self.param_names = {id(p): name for name, p in hf.named_parameters()}
         self.ran = False
         self.original_forward = hf.forward
         self.compiled = compile_with(self.original_forward, self.backend, type(hf).__name__)
@@ -184,16 +186,33 @@ class _Session:
                 raise GraftError(str(self.report))
         return out
 
-    def backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> _RewrittenGraph:
+    def backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         self.report.graphs += 1
-        matches, rejections = find_matches(gm.graph, self.patterns, self.module_of)
+        try:
+            return self._rewrite(gm, example_inputs)
+        except Exception as exc:  # never crash the user's model: run this graph as captured
+            self.report.add_fallback(
+                None, None, f"rewriting a graph failed, it runs unchanged: {type(exc).__name__}: {exc}"
+            )
+            if self.strict:
+                raise
+            return _RewrittenGraph(self, gm, [])
+
+    def _rewrite(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> _RewrittenGraph:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        matches, rejections = find_matches(
+            gm.graph, self.patterns, self.module_of, self.modules, dict(zip(placeholders, example_inputs))
+        )
         for r in rejections:
             self.report.add_fallback(r.pattern, r.module, r.reason)
         new = [m for m in matches if m.key not in self.decisions]
         checks = {}
         if self.verify and new:
             values = record_values(gm, example_inputs, new)
-            checks = {m.key: check_match(gm, m, values) for m in new}
+            names = {
+                n: self.param_names[id(v)] for n, v in zip(placeholders, example_inputs) if id(v) in self.param_names
+            }
+            checks = {m.key: check_match(gm, m, values, names) for m in new}
         for m in new:
             check = checks.get(m.key)
             passed = check is None or check.passed

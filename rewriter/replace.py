@@ -38,7 +38,7 @@ def _collapse(graph: torch.fx.Graph, m: Match, copied: dict[Node, Node]) -> None
     first = interior[0]
     anchor = max([first.prev] + [copied[x] for x in external_inputs(m)], key=order.__getitem__)
     with graph.inserting_after(anchor):
-        call = graph.call_function(m.pattern.replace, tuple(_mapped(m.inputs, copied)), _mapped(m.captures, copied))
+        call = graph.call_function(m.replace, tuple(_mapped(m.inputs, copied)), _mapped(m.captures, copied))
     call.meta["graft_pattern"] = m.pattern.name
     call.meta["graft_module"] = m.module
     outputs = [copied[o] for o in m.outputs]

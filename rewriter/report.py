@@ -103,7 +103,8 @@ class RewriteReport:
         for m in self.matches:
             worst = m.worst
             err = f"err {worst['ours']:.2e} (eager {worst['eager']:.2e}, {worst['what']})" if worst else "not checked"
-            lines.append(f"{m.status:<10} {m.pattern:<22} {m.module:<45} {len(m.nodes):>3} nodes  {err}")
+            mem = f"saved {_bytes(m.saved_bytes_eager)} -> {_bytes(m.saved_bytes_ours)}"
+            lines.append(f"{m.status:<10} {m.pattern:<14} {m.module:<40} {len(m.nodes):>3} nodes  {mem:<26} {err}")
             if m.reason:
                 lines.append(f"{'':<11}{m.reason}")
         return "\n".join(lines)

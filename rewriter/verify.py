@@ -123,7 +123,9 @@ def extract(gm: torch.fx.GraphModule, m: Match) -> tuple[torch.fx.GraphModule, l
 
 def to_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The same graph computing in float64: floating dtype constants promoted, `.float()`
-    made `.double()`, ops without a float64 kernel lowered."""
+    made `.double()`, ops without a float64 kernel lowered, grad-mode switches dropped (so
+    autograd differentiates the judge end to end), and a traced autograd.Function
+    (`autograd_function_apply`) replaced by its forward body, itself in float64."""
     graph = torch.fx.Graph()
     env: dict[Node, Node] = {}
     for n in gm.graph.nodes:
@@ -132,10 +134,46 @@ def to_float64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         new.kwargs = _promote(new.kwargs)
         if new.op == "call_method" and new.target in _FLOAT_METHODS:
             new.target = "double"
-        if new.op == "call_function" and new.target in FLOAT64_LOWERINGS:
-            new.target = FLOAT64_LOWERINGS[new.target]
+        if new.op == "call_function":
+            if new.target is torch.nn.functional.dropout:
+                new.target = _dropout_drawn_like(n.args[0].meta.get("example_value"))
+            elif new.target in FLOAT64_LOWERINGS:
+                new.target = FLOAT64_LOWERINGS[new.target]
+            elif new.target is torch._C._set_grad_enabled:
+                new.target = _no_op
+            elif _is_hop(new.target, "autograd_function_apply"):
+                new.target = _forward_body_in_float64
+                new.kwargs = {}
         env[n] = new
     return torch.fx.GraphModule(gm, graph)
+
+
+def _no_op(*args: Any) -> None:
+    return None
+
+
+def _dropout_drawn_like(eager: Any) -> Callable[..., torch.Tensor]:
+    """Dropout in float64 with the mask the eager run draws: the generator consumes
+    differently for other dtypes (CUDA vectorises by element size), so the mask is drawn on a
+    tensor of the eager dtype, under the same generator state, and applied in float64."""
+    dtype = eager.dtype if isinstance(eager, torch.Tensor) else torch.float32
+
+    def dropout_like_eager(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
+        if not training or p == 0:
+            return x
+        kept = torch.nn.functional.dropout(torch.ones(x.shape, dtype=dtype, device=x.device), p) != 0
+        return x * kept / (1 - p)
+
+    return dropout_like_eager
+
+
+def _is_hop(target: Any, name: str) -> bool:
+    return isinstance(target, torch._ops.HigherOrderOperator) and target.name() == name
+
+
+def _forward_body_in_float64(fwd_body: torch.fx.GraphModule, bwd_body: Any, *args: Any) -> Any:
+    outputs, _saved = to_float64(fwd_body)(*args)
+    return outputs
 
 
 def _promote(value: Any) -> Any:
@@ -211,7 +249,17 @@ def _devices(args: list[Any]) -> list[torch.device]:
     return list({a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
 
 
-def check_match(gm: torch.fx.GraphModule, m: Match, values: dict[Node, Any], seed: int = 0) -> MatchCheck:
+def check_match(
+    gm: torch.fx.GraphModule, m: Match, values: dict[Node, Any], names: dict[Node, str] | None = None, seed: int = 0
+) -> MatchCheck:
+    """names: labels for inputs in the report (parameter names for lifted parameters)."""
+    try:
+        return _check_match(gm, m, values, names or {}, seed)
+    except Exception as exc:  # a broken replacement (or judge) is reported, never raised into the model
+        return MatchCheck(error=f"{type(exc).__name__}: {exc}")
+
+
+def _check_match(gm, m: Match, values: dict[Node, Any], names: dict[Node, str], seed: int) -> MatchCheck:
     sub, inputs = extract(gm, m)
     vals = [values[x] for x in inputs]
     grad_of = [i for i, x in enumerate(inputs) if _wants_grad(x)]
@@ -226,16 +274,12 @@ def check_match(gm: torch.fx.GraphModule, m: Match, values: dict[Node, Any], see
 
     ours_args = leaves()
     captures = {k: ours_args[position[v]] if isinstance(v, Node) else v for k, v in m.captures.items()}
-    pattern_inputs = [ours_args[position[x]] for x in m.inputs]
+    pattern_inputs = [ours_args[position[x]] if isinstance(x, Node) else x for x in m.inputs]
 
     def replacement(*_):
-        return m.pattern.replace(*pattern_inputs, **captures)
+        return m.replace(*pattern_inputs, **captures)
 
-    try:
-        out_ours, grad_ours, check.saved_bytes_ours = _run(replacement, ours_args, grad_of, seed)
-    except Exception as exc:  # a broken replacement is reported, never raised into the model
-        check.error = f"{type(exc).__name__}: {exc}"
-        return check
+    out_ours, grad_ours, check.saved_bytes_ours = _run(replacement, ours_args, grad_of, seed)
     if len(out_ours) != len(out_eager):
         check.error = f"replacement returned {len(out_ours)} outputs, the subgraph {len(out_eager)}"
         return check
@@ -245,7 +289,7 @@ def check_match(gm: torch.fx.GraphModule, m: Match, values: dict[Node, Any], see
             return check
         check.comparisons.append(Comparison(f"output {i}", relative_error(o, r), relative_error(e, r), _dt(e)))
     for k, i in enumerate(grad_of):
-        name = inputs[i].name
+        name = names.get(inputs[i], inputs[i].name)
         check.comparisons.append(
             Comparison(
                 f"grad {name}",

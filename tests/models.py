@@ -59,6 +59,7 @@ def batch(seed: int, length: int = 19, size: int = 2) -> dict[str, torch.Tensor]
 def train_losses(model, steps: int = 5, lr: float = 1e-3) -> list[float]:
     """AdamW on fresh random batches of varying length; the loss of each step."""
     model.train()
+    torch.manual_seed(1234)  # the same dropout masks for a model and its twin
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
@@ -69,3 +70,25 @@ def train_losses(model, steps: int = 5, lr: float = 1e-3) -> list[float]:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def tiny_4bit_causal_lm(
+    model_type: str, tmp_path, *, double_quant: bool = True, quant_type: str = "nf4", **lora_kwargs
+):
+    """The tiny model saved in bf16 and loaded back through BitsAndBytesConfig (4-bit, CPU), with LoRA."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = tmp_path / f"{model_type}-bf16"
+    if not path.exists():
+        tiny_causal_lm(model_type, lora=False, dtype=torch.bfloat16).save_pretrained(path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    config = dict(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    config.update(lora_kwargs)
+    return get_peft_model(model, LoraConfig(**config))

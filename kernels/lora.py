@@ -1,0 +1,217 @@
+"""LoRA projections over a frozen base weight (dense or 4-bit), forward and backward by hand.
+
+One projection. x is (M, K) in dtype d; the frozen base weight W is (N, K), made dense on demand
+in the compute dtype c (dequantized, for 4-bit); b is an optional base bias; the trainable LoRA
+factors are A (r, K) and B (N, r) in dtype a (PEFT keeps them in fp32 for half-precision models);
+s is the scaling and m the dropout mask of rate p:
+
+    x_a = a(x)                      PEFT casts x to the adapter dtype
+    x_d = x_a * m / (1 - p)
+    u   = x_d A^T                   (M, r), saved
+    y   = d(c(x) W^T + b) + d(s u B^T)      4-bit base (PEFT's Linear4bit: the LoRA term is
+                                            cast to x's dtype, then added in that dtype)
+    y   = d(x W^T + b + s u B^T)            dense base (PEFT's Linear: added in promote(d, a))
+
+Backward, with D = dL/dy (so dL/d(s u B^T) = a(D) under either cast; casts are identity for
+derivatives):
+
+    dB = s a(D)^T u                 (N, r)
+    g  = s a(D) B                   (M, r)
+    dA = g^T x_d                    (r, K)
+    dx = d( c(D) W  +  (g A) * m / (1 - p) )      accumulated in fp32, rounded once
+    db = sum over rows of D         (only if the bias is trainable)
+
+W is frozen: no dW, and B A is never formed. Saved for backward: x and u only. W is made dense
+again in backward instead of being kept; the dropout mask is not kept either: the generator
+state before the forward's dropout is saved and replayed, so the backward rebuilds exactly the
+same x_d (PyTorch's own dropout, so the mask equals the one PEFT would draw).
+
+Several projections reading the same x (q, k and v) are one node: their weights are stacked so
+forward is one GEMM of N = sum of the N_i, backward's c(D) W one GEMM of K = sum of the N_i, and
+dx is accumulated once. The MLP (gate, up, SwiGLU, down) is one node that saves x, e = gate(x)
+and g = up(x) (plus the rank-r u's); h = silu(e) * g is recomputed in backward.
+
+Memory, per projection and token, against PEFT eager (bf16 x, fp32 adapters): eager keeps x
+(bf16) for the base matmul and a(x) (fp32, 2x the bytes) for lora_A, plus u; we keep x and u.
+For the MLP eager also keeps silu(e), its input and h and a(h); we keep e and g.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """The frozen half of a LoRA projection and its configuration."""
+
+    weight: Callable[[], torch.Tensor]  # the dense base weight (N, K) in compute_dtype, made on demand
+    bias: torch.Tensor | None  # the frozen base bias, or None
+    scaling: float
+    dropout: float
+    compute_dtype: torch.dtype
+    quantized: bool  # 4-bit base: the LoRA term is cast to x's dtype before the add
+    out_features: int
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _replay_dropout(t: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
+    """The dropout the forward drew (same generator state, shape, dtype, device)."""
+    devices = [t.device] if t.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if t.device.type == "cuda":
+            torch.cuda.set_rng_state(state, t.device)
+        else:
+            torch.set_rng_state(state)
+        return F.dropout(t, p, training=True)
+
+
+def _dense_weights(projections: Sequence[Projection]) -> torch.Tensor:
+    weights = [p.weight().to(p.compute_dtype) for p in projections]
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _biases(projections: Sequence[Projection], biases, device: torch.device) -> torch.Tensor | None:
+    if all(b is None for b in biases):
+        return None
+    c = projections[0].compute_dtype
+    parts = [
+        (b if b is not None else torch.zeros(p.out_features, device=device)).to(c) for p, b in zip(projections, biases)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def lora_forward(x: torch.Tensor, projections: Sequence[Projection], As, Bs, biases):
+    """Forward of projections sharing x (M, K): outputs, the u's and the dropout states."""
+    d = x.dtype
+    base = F.linear(
+        x.to(projections[0].compute_dtype), _dense_weights(projections), _biases(projections, biases, x.device)
+    )
+    base = base.to(d)
+    outputs, us, states = [], [], []
+    for p, A, B, y in zip(projections, As, Bs, base.split([p.out_features for p in projections], dim=1)):
+        x_a = x.to(A.dtype)
+        state = _rng_state(x.device) if p.dropout > 0 else None
+        x_d = F.dropout(x_a, p.dropout, training=True) if p.dropout > 0 else x_a
+        u = x_d @ A.t()
+        lora = (u @ B.t()) * p.scaling
+        outputs.append(y + lora.to(d) if p.quantized else (y + lora).to(d))
+        us.append(u)
+        states.append(state)
+    return outputs, us, states
+
+
+def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad):
+    """Backward of lora_forward: dx, and dA, dB, db per projection."""
+    d = x.dtype
+    c = projections[0].compute_dtype
+    D = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+    dx = (D.to(c) @ _dense_weights(projections)).float()
+    dAs, dBs, dbs = [], [], []
+    for p, A, B, u, state, grad, bias_grad in zip(projections, As, Bs, us, states, grads, needs_bias_grad):
+        G = grad.to(A.dtype) * p.scaling
+        dBs.append(G.t() @ u)
+        g = G @ B
+        x_a = x.to(A.dtype)
+        x_d = _replay_dropout(x_a, p.dropout, state) if p.dropout > 0 else x_a
+        dAs.append(g.t() @ x_d)
+        gx = g @ A
+        if p.dropout > 0:
+            gx = _replay_dropout(gx, p.dropout, state)
+        dx += gx.float()
+        dbs.append(grad.sum(0) if bias_grad else None)
+    return dx.to(d), dAs, dBs, dbs
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class LoraLinearsFunction(torch.autograd.Function):
+    """Projections sharing one input: params are (A, B, bias) per projection."""
+
+    @staticmethod
+    def forward(ctx, x, projections, *params):
+        As, Bs, biases = params[0::3], params[1::3], params[2::3]
+        x2 = _flat(x)
+        outputs, us, states = lora_forward(x2, projections, As, Bs, biases)
+        ctx.save_for_backward(x2, *As, *Bs, *us)
+        ctx.projections, ctx.states, ctx.x_shape = projections, states, x.shape
+        ctx.bias_grads = [b is not None and b.requires_grad for b in biases]
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = len(ctx.projections)
+        x2, rest = ctx.saved_tensors[0], ctx.saved_tensors[1:]
+        As, Bs, us = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        dx, dAs, dBs, dbs = lora_backward(
+            x2, [_flat(g) for g in grads], ctx.projections, As, Bs, us, ctx.states, ctx.bias_grads
+        )
+        params = [grad for triple in zip(dAs, dBs, dbs) for grad in triple]
+        return (dx.view(ctx.x_shape), None, *params)
+
+
+def silu_mul(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """HF's cast points: silu in fp32 rounded to e's dtype, then the product rounded."""
+    return F.silu(e.float()).to(e.dtype) * g
+
+
+def silu_mul_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = sigmoid(e), f = e s: dg = dh f, de = dh g s (1 + e (1 - s)), in fp32, rounded once."""
+    e32, g32, dh32 = e.float(), g.float(), dh.float()
+    s = torch.sigmoid(e32)
+    de = dh32 * g32 * s * (1 + e32 * (1 - s))
+    dg = dh32 * (e32 * s)
+    return de.to(e.dtype), dg.to(g.dtype)
+
+
+class LoraMLPFunction(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)), each a LoRA projection; params: (A, B, bias) x 3."""
+
+    @staticmethod
+    def forward(ctx, x, gate, up, down, *params):
+        As, Bs, biases = params[0::3], params[1::3], params[2::3]
+        x2 = _flat(x)
+        (e, g), us_in, states_in = lora_forward(x2, [gate, up], As[:2], Bs[:2], biases[:2])
+        h = silu_mul(e, g)
+        (out,), (u_down,), (state_down,) = lora_forward(h, [down], As[2:], Bs[2:], biases[2:])
+        ctx.save_for_backward(x2, e, g, *As, *Bs, *us_in, u_down)
+        ctx.projections = (gate, up, down)
+        ctx.states = (*states_in, state_down)
+        ctx.bias_grads = [b is not None and b.requires_grad for b in biases]
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, e, g, *rest = ctx.saved_tensors
+        As, Bs, us = rest[0:3], rest[3:6], rest[6:9]
+        gate, up, down = ctx.projections
+        h = silu_mul(e, g)
+        dh, (dA_d,), (dB_d,), (db_d,) = lora_backward(
+            h, [_flat(dout)], [down], As[2:], Bs[2:], us[2:], ctx.states[2:], ctx.bias_grads[2:]
+        )
+        de, dg = silu_mul_backward(dh, e, g)
+        dx, dA_in, dB_in, db_in = lora_backward(
+            x2, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2]
+        )
+        params = [grad for triple in zip((*dA_in, dA_d), (*dB_in, dB_d), (*db_in, db_d)) for grad in triple]
+        return (dx.view(ctx.x_shape), None, None, None, *params)
+
+
+def lora_linears(x: torch.Tensor, projections: Sequence[Projection], *params: torch.Tensor | None):
+    """Outputs of the projections sharing x; params are (A, B, bias) per projection."""
+    return LoraLinearsFunction.apply(x, tuple(projections), *params)
+
+
+def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, *params: torch.Tensor | None):
+    """down(silu(gate(x)) * up(x)) with LoRA on all three; params are (A, B, bias) x 3."""
+    return LoraMLPFunction.apply(x, gate, up, down, *params)
