@@ -32,15 +32,21 @@ def _round_bf16_nearest_even(data: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(data), np.uint16(0x7FC0), rounded)
 
 
-def _interpreter_rounds_bf16_to_nearest() -> None:
-    """Triton's interpreter (3.x) casts fp32 -> bf16 by truncating the mantissa, while the
-    GPU rounds to nearest even. Without this, every bf16 result computed on CPU would carry
-    twice the GPU's rounding error and the tests would judge the interpreter, not the kernel."""
+def _bf16_as_float32(data: np.ndarray) -> np.ndarray:
+    return (data.astype(np.uint32) << 16).view(np.float32)
+
+
+def _interpreter_handles_bf16_like_the_gpu() -> None:
+    """Two bf16 gaps of Triton's interpreter (3.x), which stores bf16 as uint16: it casts
+    fp32 -> bf16 by truncating the mantissa (the GPU rounds to nearest even), and its tl.dot
+    multiplies the uint16 codes as integers. Without this, CPU tests would judge the
+    interpreter, not the kernel."""
     from triton.runtime import interpreter
 
     builder = getattr(interpreter, "InterpreterBuilder", None)
     cast_impl = getattr(builder, "cast_impl", None)
-    if cast_impl is None or getattr(cast_impl, "_graft_rne", False):
+    create_dot = getattr(builder, "create_dot", None)
+    if cast_impl is None or create_dot is None or getattr(cast_impl, "_graft", False):
         return
     import triton.language as tl
 
@@ -49,9 +55,17 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
             return interpreter.TensorHandle(_round_bf16_nearest_even(src.data), tl.bfloat16)
         return cast_impl(self, src, dst_type)
 
-    cast_with_rne._graft_rne = True
+    def dot_with_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16:
+            a = interpreter.TensorHandle(_bf16_as_float32(a.data), tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = interpreter.TensorHandle(_bf16_as_float32(b.data), tl.float32)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    cast_with_rne._graft = True
     builder.cast_impl = cast_with_rne
+    builder.create_dot = dot_with_bf16
 
 
 if INTERPRET:
-    _interpreter_rounds_bf16_to_nearest()
+    _interpreter_handles_bf16_like_the_gpu()
