@@ -15,8 +15,8 @@ for the derivative, as autograd treats it:
     dx_k = sum_j g_j (r delta_jk - r^3 x_j x_k / N) = r (g_k - xh_k * mean_j(g_j xh_j))
     dw_j = sum over rows of dy_j * xh_j
 
-dx is row-local. dw reduces across rows: a persistent grid of P programs, each owning a
-strided set of rows, accumulates a partial dw in fp32 registers and writes one row of a
+Each program normalises a tile of rows (about 8K elements on a GPU). dx is row-local. dw
+reduces across rows: a persistent grid of P programs, each owning a strided set of row tiles, accumulates a partial dw in fp32 registers and writes one row of a
 (P, N) fp32 buffer; the P partial rows are then summed in fp32 (the two-stage reduction).
 Peers skip dw, which silently freezes trainable norm weights; we never do.
 
@@ -36,58 +36,51 @@ from kernels.runtime import num_programs_for_reduction, use_triton
 
 
 @triton.jit
-def _rmsnorm_forward(X, W, Y, R, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rmsnorm_forward(X, W, Y, R, stride_x, stride_y, rows, N, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    r = tl.cast(tl.program_id(0), tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-    xh = (x * r).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * xh).to(Y.dtype.element_ty), mask=mask)
-    tl.store(R + row, r)
+    mask = (r[:, None] < rows) & (cols[None, :] < N)
+    x = tl.load(X + r[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    xh = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(Y + r[:, None] * stride_y + cols[None, :], (w[None, :] * xh).to(Y.dtype.element_ty), mask=mask)
+    tl.store(R + r, rstd, mask=r < rows)
 
 
 @triton.jit
 def _rmsnorm_backward(
-    DY,
-    X,
-    W,
-    R,
-    DX,
-    DW_PARTIAL,
-    stride_dy,
-    stride_x,
-    stride_dx,
-    rows,
-    N,
-    BLOCK_N: tl.constexpr,
-    HAS_DW: tl.constexpr,
-):
+    DY, X, W, R, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, rows, N,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DW: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for row32 in range(pid, rows, programs):
-        row = tl.cast(row32, tl.int64)
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(R + row)
-        xh = x * r
-        g = dy * w
-        dx = r * (g - xh * (tl.sum(g * xh, axis=0) / N))
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    for start in range(pid * ROWS, rows, programs * ROWS):
+        r = tl.cast(start, tl.int64) + tl.arange(0, ROWS)
+        mask = (r[:, None] < rows) & (cols[None, :] < N)
+        x = tl.load(X + r[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(R + r, mask=r < rows, other=0.0)
+        xh = x * rstd[:, None]
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - xh * (tl.sum(g * xh, axis=1) / N)[:, None])
+        tl.store(DX + r[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DW:
-            dw += dy * xh
+            dw += tl.sum(dy * xh, axis=0)
     if HAS_DW:
-        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=cols < N)
 
 
-def _block_and_warps(n: int) -> tuple[int, int]:
+def _launch_shape(n: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, rows per program, warps): about 8K elements per program on a GPU, more on the
+    interpreter, where every program is a Python loop."""
     block = triton.next_power_of_2(n)
-    return block, min(16, max(1, block // 256))
+    budget = 8192 if device.type == "cuda" else 65536
+    rows = max(1, min(64, budget // block))
+    return block, rows, min(16, max(1, rows * block // 512))
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -100,11 +93,12 @@ class RMSNormFunction(torch.autograd.Function):
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
         r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        block, warps = _block_and_warps(n)
+        block, rows, warps = _launch_shape(n, x.device)
         if x2.shape[0] > 0:
-            _rmsnorm_forward[(x2.shape[0],)](
-                x2, weight, y, r, x2.stride(0), y.stride(0), n, eps, BLOCK_N=block, num_warps=warps
-            )
+            _rmsnorm_forward[(triton.cdiv(x2.shape[0], rows),)](
+                x2, weight, y, r, x2.stride(0), y.stride(0), x2.shape[0], n, eps,
+                ROWS=rows, BLOCK_N=block, num_warps=warps,
+            )  # fmt: skip
         ctx.save_for_backward(x2, weight, r)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], n)
@@ -118,26 +112,14 @@ class RMSNormFunction(torch.autograd.Function):
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
         has_dw = ctx.needs_input_grad[1]
-        programs = max(1, min(rows, num_programs_for_reduction(x2.device)))
+        block, per_program, warps = _launch_shape(n, x2.device)
+        programs = max(1, min(triton.cdiv(rows, per_program), num_programs_for_reduction(x2.device)))
         partial = torch.empty((programs, n) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
-        block, warps = _block_and_warps(n)
         if rows > 0:
             _rmsnorm_backward[(programs,)](
-                dy2,
-                x2,
-                weight,
-                r,
-                dx,
-                partial,
-                dy2.stride(0),
-                x2.stride(0),
-                dx.stride(0),
-                rows,
-                n,
-                BLOCK_N=block,
-                HAS_DW=has_dw,
-                num_warps=warps,
-            )
+                dy2, x2, weight, r, dx, partial, dy2.stride(0), x2.stride(0), dx.stride(0), rows, n,
+                ROWS=per_program, BLOCK_N=block, HAS_DW=has_dw, num_warps=warps,
+            )  # fmt: skip
         dw = None
         if has_dw:
             dw = (partial.sum(0) if rows > 0 else torch.zeros(n, device=x2.device)).to(weight.dtype)
