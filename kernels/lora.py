@@ -44,18 +44,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import lowrank, swiglu
+from kernels.runtime import use_triton
+
 
 @dataclass(frozen=True, eq=False)
 class Projection:
     """The frozen half of a LoRA projection and its configuration."""
 
-    weight: Callable[[], torch.Tensor]  # the dense base weight (N, K) in compute_dtype, made on demand
+    weight: Callable[[torch.Tensor | None], torch.Tensor]  # dense base weight (N, K) in compute_dtype, into out
     bias: torch.Tensor | None  # the frozen base bias, or None
     scaling: float
     dropout: float
     compute_dtype: torch.dtype
     quantized: bool  # 4-bit base: the LoRA term is cast to x's dtype before the add
     out_features: int
+    in_features: int
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -73,9 +77,15 @@ def _replay_dropout(t: torch.Tensor, p: float, state: torch.Tensor) -> torch.Ten
         return F.dropout(t, p, training=True)
 
 
-def _dense_weights(projections: Sequence[Projection]) -> torch.Tensor:
-    weights = [p.weight().to(p.compute_dtype) for p in projections]
-    return weights[0] if len(weights) == 1 else torch.cat(weights)
+def _dense_weights(projections: Sequence[Projection], device: torch.device) -> torch.Tensor:
+    """The stacked base weights (sum of N_i, K), each made dense straight into its rows."""
+    if len(projections) == 1:
+        return projections[0].weight(None)
+    rows = sum(p.out_features for p in projections)
+    stacked = torch.empty((rows, projections[0].in_features), dtype=projections[0].compute_dtype, device=device)
+    for p, part in zip(projections, stacked.split([p.out_features for p in projections])):
+        p.weight(part)
+    return stacked
 
 
 def _biases(projections: Sequence[Projection], biases, device: torch.device) -> torch.Tensor | None:
@@ -89,45 +99,46 @@ def _biases(projections: Sequence[Projection], biases, device: torch.device) -> 
 
 
 def lora_forward(x: torch.Tensor, projections: Sequence[Projection], As, Bs, biases):
-    """Forward of projections sharing x (M, K): outputs, the u's and the dropout states."""
+    """Forward of projections sharing x (M, K): outputs (column blocks of one buffer), the u's
+    and the dropout states."""
     d = x.dtype
-    base = F.linear(
-        x.to(projections[0].compute_dtype), _dense_weights(projections), _biases(projections, biases, x.device)
-    )
-    base = base.to(d)
+    c = projections[0].compute_dtype
+    y = F.linear(x.to(c), _dense_weights(projections, x.device), _biases(projections, biases, x.device)).to(d)
     outputs, us, states = [], [], []
-    for p, A, B, y in zip(projections, As, Bs, base.split([p.out_features for p in projections], dim=1)):
-        x_a = x.to(A.dtype)
-        state = _rng_state(x.device) if p.dropout > 0 else None
-        x_d = F.dropout(x_a, p.dropout, training=True) if p.dropout > 0 else x_a
-        u = x_d @ A.t()
-        lora = (u @ B.t()) * p.scaling
-        outputs.append(y + lora.to(d) if p.quantized else (y + lora).to(d))
+    for p, A, B, y_p in zip(projections, As, Bs, y.split([p.out_features for p in projections], dim=1)):
+        state = None
+        if p.dropout > 0:
+            state = _rng_state(x.device)
+            u = lowrank.down(F.dropout(x.to(A.dtype), p.dropout, training=True), A)
+        else:
+            u = lowrank.down(x, A)
+        lowrank.up_add_(y_p, u, B, p.scaling, round_first=p.quantized)
+        outputs.append(y_p)
         us.append(u)
         states.append(state)
     return outputs, us, states
 
 
-def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad):
-    """Backward of lora_forward: dx, and dA, dB, db per projection."""
-    d = x.dtype
+def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, stacked=None):
+    """Backward of lora_forward: dx, and dA, dB, db per projection. `stacked` is the grads
+    side by side in one (M, sum N_i) tensor, if the caller already has it."""
     c = projections[0].compute_dtype
-    D = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-    dx = (D.to(c) @ _dense_weights(projections)).float()
+    D = stacked if stacked is not None else grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+    dx = (D.to(c) @ _dense_weights(projections, x.device)).to(x.dtype)
     dAs, dBs, dbs = [], [], []
     for p, A, B, u, state, grad, bias_grad in zip(projections, As, Bs, us, states, grads, needs_bias_grad):
-        G = grad.to(A.dtype) * p.scaling
-        dBs.append(G.t() @ u)
-        g = G @ B
-        x_a = x.to(A.dtype)
-        x_d = _replay_dropout(x_a, p.dropout, state) if p.dropout > 0 else x_a
-        dAs.append(g.t() @ x_d)
-        gx = g @ A
+        dBs.append(lowrank.grad(grad, u, p.scaling).t().to(B.dtype))
+        g = lowrank.down(grad, B.t(), p.scaling)  # s D B, (M, r) fp32
         if p.dropout > 0:
-            gx = _replay_dropout(gx, p.dropout, state)
-        dx += gx.float()
+            x_d = _replay_dropout(x.to(A.dtype), p.dropout, state)
+            dAs.append(lowrank.grad(x_d, g).to(A.dtype))
+            gx = _replay_dropout(g @ A.float(), p.dropout, state)
+            dx = (dx.float() + gx).to(x.dtype)
+        else:
+            dAs.append(lowrank.grad(x, g).to(A.dtype))
+            lowrank.up_add_(dx, g, A.t())
         dbs.append(grad.sum(0) if bias_grad else None)
-    return dx.to(d), dAs, dBs, dbs
+    return dx, dAs, dBs, dbs
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +161,7 @@ class LoraLinearsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         n = len(ctx.projections)
-        x2, rest = ctx.saved_tensors[0], ctx.saved_tensors[1:]
+        x2, *rest = ctx.saved_tensors  # read once: checkpointing allows a single unpack
         As, Bs, us = rest[:n], rest[n : 2 * n], rest[2 * n :]
         dx, dAs, dBs, dbs = lora_backward(
             x2, [_flat(g) for g in grads], ctx.projections, As, Bs, us, ctx.states, ctx.bias_grads
@@ -161,16 +172,20 @@ class LoraLinearsFunction(torch.autograd.Function):
 
 def silu_mul(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """HF's cast points: silu in fp32 rounded to e's dtype, then the product rounded."""
+    if use_triton(e, g):
+        return swiglu.silu_mul(e, g)
     return F.silu(e.float()).to(e.dtype) * g
 
 
-def silu_mul_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = sigmoid(e), f = e s: dg = dh f, de = dh g s (1 + e (1 - s)), in fp32, rounded once."""
+def silu_mul_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, de: torch.Tensor, dg: torch.Tensor) -> None:
+    """de, dg <- the SwiGLU backward (kernels/swiglu.py has the derivation), in place."""
+    if use_triton(dh, e, g):
+        swiglu.silu_mul_backward(dh, e, g, de, dg)
+        return
     e32, g32, dh32 = e.float(), g.float(), dh.float()
     s = torch.sigmoid(e32)
-    de = dh32 * g32 * s * (1 + e32 * (1 - s))
-    dg = dh32 * (e32 * s)
-    return de.to(e.dtype), dg.to(g.dtype)
+    de.copy_(dh32 * g32 * s * (1 + e32 * (1 - s)))
+    dg.copy_(dh32 * (e32 * s))
 
 
 class LoraMLPFunction(torch.autograd.Function):
@@ -183,7 +198,8 @@ class LoraMLPFunction(torch.autograd.Function):
         (e, g), us_in, states_in = lora_forward(x2, [gate, up], As[:2], Bs[:2], biases[:2])
         h = silu_mul(e, g)
         (out,), (u_down,), (state_down,) = lora_forward(h, [down], As[2:], Bs[2:], biases[2:])
-        ctx.save_for_backward(x2, e, g, *As, *Bs, *us_in, u_down)
+        eg = e._base if e._base is not None else torch.cat([e, g], dim=1)  # [e | g], one buffer
+        ctx.save_for_backward(x2, eg, *As, *Bs, *us_in, u_down)
         ctx.projections = (gate, up, down)
         ctx.states = (*states_in, state_down)
         ctx.bias_grads = [b is not None and b.requires_grad for b in biases]
@@ -192,16 +208,19 @@ class LoraMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x2, e, g, *rest = ctx.saved_tensors
+        x2, eg, *rest = ctx.saved_tensors
         As, Bs, us = rest[0:3], rest[3:6], rest[6:9]
         gate, up, down = ctx.projections
+        e, g = eg.split([gate.out_features, up.out_features], dim=1)
         h = silu_mul(e, g)
         dh, (dA_d,), (dB_d,), (db_d,) = lora_backward(
             h, [_flat(dout)], [down], As[2:], Bs[2:], us[2:], ctx.states[2:], ctx.bias_grads[2:]
         )
-        de, dg = silu_mul_backward(dh, e, g)
+        deg = torch.empty_like(eg)  # [de | dg]: the stacked gradient of the gate/up GEMM
+        de, dg = deg.split([gate.out_features, up.out_features], dim=1)
+        silu_mul_backward(dh, e, g, de, dg)
         dx, dA_in, dB_in, db_in = lora_backward(
-            x2, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2]
+            x2, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2], stacked=deg
         )
         params = [grad for triple in zip((*dA_in, dA_d), (*dB_in, dB_d), (*db_in, db_d)) for grad in triple]
         return (dx.view(ctx.x_shape), None, None, None, *params)

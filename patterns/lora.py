@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.lora import Projection, lora_linears, lora_mlp
+from kernels.nf4 import Nf4Weight, dequantize
+from kernels.nf4 import unsupported_reason as nf4_unsupported
 from rewriter.module_match import ModuleBinding, ModuleGroup, ModulePattern
 from rewriter.registry import register_pattern
 from rewriter.verify import FLOAT64_LOWERINGS
@@ -71,8 +73,9 @@ def lora_problem(module: torch.nn.Module) -> str | None:
         state = base.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             return "weight is repacked for bnb's CPU inference kernel"
-        if state.nested and state.state2.blocksize != 256:
-            return "nested quantization with a block size other than 256"
+        why = nf4_unsupported(base.weight.data, state)
+        if why:
+            return why
     elif type(base) is not torch.nn.Linear:
         return f"base layer {type(base).__name__} is not nn.Linear or bitsandbytes Linear4bit"
     dtypes = {module.lora_A[name].weight.dtype, module.lora_B[name].weight.dtype}
@@ -81,8 +84,21 @@ def lora_problem(module: torch.nn.Module) -> str | None:
     return None
 
 
-def _dense_4bit(weight) -> torch.Tensor:
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+def _dequantizer(weight, compute: torch.dtype):
+    """out <- the 4-bit weight, dense in the compute dtype (bitsandbytes' values, bit for bit)."""
+
+    def dense(out: torch.Tensor | None) -> torch.Tensor:
+        packed = Nf4Weight.from_param(weight)  # cheap: references, rebuilt in case the module moved
+        if packed.dtype == compute:
+            return dequantize(packed, out)
+        values = dequantize(packed).to(compute)
+        return values if out is None else out.copy_(values)
+
+    return dense
+
+
+def _dense(weight: torch.Tensor):
+    return lambda out: weight if out is None else out.copy_(weight)
 
 
 def projection(module: torch.nn.Module, x_dtype: torch.dtype) -> Projection:
@@ -90,12 +106,11 @@ def projection(module: torch.nn.Module, x_dtype: torch.dtype) -> Projection:
     base = module.get_base_layer()
     dropout = module.lora_dropout[name]
     if _is_4bit(base):
-        weight = base.weight
         compute = base.compute_dtype or x_dtype
-        dense = lambda: _dense_4bit(weight)  # noqa: E731
+        dense = _dequantizer(base.weight, compute)
     else:
         compute = base.weight.dtype
-        dense = lambda: base.weight  # noqa: E731
+        dense = _dense(base.weight)
     return Projection(
         weight=dense,
         bias=None,
@@ -104,6 +119,7 @@ def projection(module: torch.nn.Module, x_dtype: torch.dtype) -> Projection:
         compute_dtype=compute,
         quantized=_is_4bit(base),
         out_features=base.out_features,
+        in_features=base.in_features,
     )
 
 

@@ -17,17 +17,18 @@ VOCAB = 160
 LAYERS = 2
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, **overrides):
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
-        intermediate_size=112,
+        intermediate_size=128,  # a multiple of bnb's 4-bit block size (its CPU dequantize needs it)
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    common.update(overrides)
     if model_type == "llama":
         return LlamaConfig(**common, rms_norm_eps=1e-5)
     if model_type == "mistral":
@@ -35,13 +36,15 @@ def tiny_config(model_type: str):
     raise ValueError(model_type)
 
 
-def tiny_causal_lm(model_type: str, *, dtype=torch.float32, lora: bool = True, seed: int = 0, **lora_kwargs):
+def tiny_causal_lm(
+    model_type: str, *, dtype=torch.float32, lora: bool = True, seed: int = 0, config: dict | None = None, **lora_kwargs
+):
     torch.manual_seed(seed)
     if model_type == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4))
     else:
         cls = LlamaForCausalLM if model_type == "llama" else MistralForCausalLM
-        model = cls(tiny_config(model_type))
+        model = cls(tiny_config(model_type, **(config or {})))
     model = model.to(dtype)
     if lora:
         config = dict(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
@@ -73,14 +76,20 @@ def train_losses(model, steps: int = 5, lr: float = 1e-3) -> list[float]:
 
 
 def tiny_4bit_causal_lm(
-    model_type: str, tmp_path, *, double_quant: bool = True, quant_type: str = "nf4", **lora_kwargs
+    model_type: str,
+    tmp_path,
+    *,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+    config: dict | None = None,
+    **lora_kwargs,
 ):
     """The tiny model saved in bf16 and loaded back through BitsAndBytesConfig (4-bit, CPU), with LoRA."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = tmp_path / f"{model_type}-bf16"
+    path = tmp_path / f"{model_type}-{'-'.join(f'{k}={v}' for k, v in sorted((config or {}).items()))}-bf16"
     if not path.exists():
-        tiny_causal_lm(model_type, lora=False, dtype=torch.bfloat16).save_pretrained(path)
+        tiny_causal_lm(model_type, lora=False, dtype=torch.bfloat16, config=config).save_pretrained(path)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,

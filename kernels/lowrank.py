@@ -1,0 +1,181 @@
+"""The rank-r products of LoRA, at fp32 accuracy on tensor cores, reading activations as they are.
+
+LoRA's factors are fp32 (PEFT keeps adapters in fp32 for half-precision models) while the
+activations they multiply are bf16/fp16. Eager PyTorch makes an fp32 copy of every activation
+for these products (x.float() for lora_A, and fp32 (M, N) intermediates for lora_B), which is
+most of LoRA's memory traffic. The three ops here read the big operand once in its own dtype.
+
+Accuracy: down and grad feed the LoRA gradients, which PEFT computes as fp32 matmuls; they use
+exact fp32 dots (each half-precision operand widened in registers, which is exact), as
+accurate as eager's fp32 GEMM. (A three-part bf16 split of the fp32 operand, 24 bits on the
+tensor cores, was as accurate in Triton's interpreter but measured 12x eager's error for dB on
+the H200, 2026-11-29; it is kept only where the result is rounded to half precision anyway.)
+up_add's term is added to a half-precision Y: both fp32 factors are split into two bf16/fp16
+parts, a ~ a0 + a1 2^-S (S = 8 for bf16, 11 for fp16; the scaling keeps the residual out of the
+subnormal range), and the three largest cross terms are kept, far below Y's rounding. An
+fp32 Y (fp32 models) uses exact fp32 dots.
+
+    down(X, P, s)       = s X P^T            X (M, K), P (R, K) fp32      -> (M, R) fp32
+    up_add(Y, U, V, s)  : Y <- Y + s U V^T   Y (M, N), U (M, R), V (N, R) fp32, in place; with
+                          round_first the term is rounded to Y's dtype before the add (PEFT's
+                          4-bit path), else added in fp32 and rounded once (its dense path)
+    grad(X, U, s)       = s U^T X            X (M, K), U (M, R) fp32      -> (R, K) fp32
+
+Traffic: down and grad read X once (M K b bytes) plus the small factors; up_add reads and writes
+Y (2 M N b). grad reduces over M: a grid split along M writes fp32 partials that are summed in
+a second, deterministic stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.runtime import use_triton
+
+_SHIFT = {torch.bfloat16: 8, torch.float16: 11}
+
+
+@triton.jit
+def _split2(a, DT: tl.constexpr, SCALE: tl.constexpr):
+    """a (fp32) ~ a0 + a1 / SCALE, both parts in dtype DT (16 bits of a for bf16)."""
+    a0 = a.to(DT)
+    a1 = ((a - a0.to(tl.float32)) * SCALE).to(DT)
+    return a0, a1
+
+
+@triton.jit
+def _down_kernel(
+    X, P, OUT, M, K, R, scale,
+    sxm, sxk, spr, spk, som, sor,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rm = tl.cast(pid, tl.int64) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        p = tl.load(P + rr[None, :] * spr + rk[:, None] * spk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+        acc = tl.dot(x.to(tl.float32), p.to(tl.float32), acc, input_precision="ieee")
+    tl.store(OUT + rm[:, None] * som + rr[None, :] * sor, acc * scale, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _up_add_kernel(
+    Y, U, V, M, N, R, scale,
+    sym, syn, sum_, sur, svn, svr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    DT: tl.constexpr, SCALE: tl.constexpr, EXACT: tl.constexpr, ROUND_FIRST: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = tl.cast(pid_m, tl.int64) * BM + tl.arange(0, BM)
+    rn = tl.cast(pid_n, tl.int64) * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
+    u = tl.load(U + rm[:, None] * sum_ + rr[None, :] * sur, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    v = tl.load(V + rn[None, :] * svn + rr[:, None] * svr, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+    u = u.to(tl.float32)
+    v = v.to(tl.float32)
+    if EXACT:
+        term = tl.dot(u, v, input_precision="ieee")
+    else:
+        u0, u1 = _split2(u, DT, SCALE)
+        v0, v1 = _split2(v, DT, SCALE)
+        term = tl.dot(u0, v0) + (tl.dot(u0, v1) + tl.dot(u1, v0)) / SCALE
+    term = term * scale
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    ptr = Y + rm[:, None] * sym + rn[None, :] * syn
+    y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    if ROUND_FIRST:
+        term = term.to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(ptr, (y + term).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_kernel(
+    X, U, PARTIAL, M, K, R, rows_per_split,
+    sxm, sxk, sum_, sur,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    pid_k, split = tl.program_id(0), tl.program_id(1)
+    rk = tl.cast(pid_k, tl.int64) * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    start = split * rows_per_split
+    for m0 in range(start, start + rows_per_split, BM):
+        rm = tl.cast(m0, tl.int64) + tl.arange(0, BM)
+        inside = rm < tl.minimum(M, start + rows_per_split)
+        ut = tl.load(U + rm[None, :] * sum_ + rr[:, None] * sur, mask=inside[None, :] & (rr[:, None] < R), other=0.0)
+        x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=inside[:, None] & (rk[None, :] < K), other=0.0)
+        acc = tl.dot(ut.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+    out = PARTIAL + split * R * K + rr[:, None] * K + rk[None, :]
+    tl.store(out, acc, mask=(rr[:, None] < R) & (rk[None, :] < K))
+
+
+def _kind(dtype: torch.dtype) -> tuple:
+    """(tl dtype of the split parts, 2^S, exact fp32 dots?) for an activation dtype."""
+    if dtype in _SHIFT:
+        return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), float(2 ** _SHIFT[dtype]), False
+    return tl.float32, 1.0, True
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def down(x: torch.Tensor, p: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * x @ p.T in fp32: x (M, K) any float dtype, p (R, K) fp32 (any strides)."""
+    m, k = x.shape
+    r = p.shape[0]
+    if not use_triton(x, p):
+        return (x.float() @ p.float().t()) * scale
+    out = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    bm = 64
+    _down_kernel[(triton.cdiv(m, bm),)](
+        x, p, out, m, k, r, scale, *x.stride(), *p.stride(), *out.stride(),
+        BM=bm, BK=64, BR=_block_r(r),
+    )  # fmt: skip
+    return out
+
+
+def up_add_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float = 1.0, round_first: bool = False):
+    """y += scale * u @ v.T in place: y (M, N), u (M, R) and v (N, R) fp32 (any strides)."""
+    m, n = y.shape
+    r = u.shape[1]
+    if not use_triton(y, u, v):
+        term = (u.float() @ v.float().t()) * scale
+        if round_first:
+            term = term.to(y.dtype)
+        y.copy_((y.float() + term.float()).to(y.dtype))
+        return y
+    dt, s, exact = _kind(y.dtype)
+    bm, bn = 64, 128
+    _up_add_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        y, u, v, m, n, r, scale, *y.stride(), *u.stride(), *v.stride(),
+        BM=bm, BN=bn, BR=_block_r(r), DT=dt, SCALE=s, EXACT=exact, ROUND_FIRST=round_first,
+    )  # fmt: skip
+    return y
+
+
+def grad(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * u.T @ x in fp32: x (M, K) any float dtype, u (M, R) fp32 -> (R, K)."""
+    m, k = x.shape
+    r = u.shape[1]
+    if not use_triton(x, u):
+        return (u.float().t() @ x.float()) * scale
+    bm, bk = 64, 64
+    k_blocks = triton.cdiv(k, bk)
+    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    splits = max(1, min(triton.cdiv(m, bm), target // k_blocks))
+    rows = triton.cdiv(triton.cdiv(m, splits), bm) * bm
+    splits = triton.cdiv(m, rows) if m else 1
+    partial = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return torch.zeros((r, k), dtype=torch.float32, device=x.device)
+    _grad_kernel[(k_blocks, splits)](
+        x, u, partial, m, k, r, rows, *x.stride(), *u.stride(),
+        BM=bm, BK=bk, BR=_block_r(r),
+    )  # fmt: skip
+    return partial.sum(0) * scale if splits > 1 else partial[0] * scale
