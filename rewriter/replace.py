@@ -52,6 +52,7 @@ def _collapse(graph: torch.fx.Graph, m: Match, copied: dict[Node, Node]) -> None
             with graph.inserting_after(previous):
                 item = graph.call_function(operator.getitem, (call, i))
             item.meta["example_value"] = out.meta.get("example_value")
+            item.meta["graft_module"] = m.module
             out.replace_all_uses_with(item)
             copied[m.outputs[i]] = item
             previous = item

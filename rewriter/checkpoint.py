@@ -1,0 +1,90 @@
+"""Activation checkpointing as a graph pass, per decoder layer.
+
+Hugging Face checkpoints a layer by calling torch.utils.checkpoint from Python, which Dynamo
+cannot capture whole: the forward breaks into pieces and the layers run uncaptured, so no
+pattern would apply inside them. When the model asks for checkpointing, graft captures the
+layers inline (their flags are off during its calls) and puts the checkpoint back here, on the
+rewritten graph: each chosen layer's nodes become one region run under non-reentrant
+torch.utils.checkpoint, which keeps only the region's inputs and recomputes the rest (our fused
+nodes included) in backward, with the forward's RNG state (dropout masks match).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils.checkpoint
+from torch.fx import Node
+
+
+def run_checkpointed(region: torch.fx.GraphModule, *args: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def checkpoint_regions(
+    gm: torch.fx.GraphModule, region_of: Callable[[Node], str | None], regions: Sequence[str]
+) -> tuple[torch.fx.GraphModule, list[str]]:
+    """A copy of gm with each region (a contiguous run of nodes that region_of assigns to it)
+    run under checkpoint. Returns the graph and the regions that could not be checkpointed."""
+    graph = torch.fx.Graph()
+    copied: dict[Node, Node] = {}
+    graph.output(graph.graph_copy(gm.graph, copied))
+    owner = {n: region_of(n) for n in graph.nodes if n.op not in ("placeholder", "output")}
+    skipped = []
+    modules: dict[str, torch.fx.GraphModule] = {}
+    for name in regions:
+        nodes = [n for n in graph.nodes if owner.get(n) == name]
+        if not nodes:
+            continue
+        if not _contiguous(graph, nodes):
+            skipped.append(f"{name}: its nodes are interleaved with others")
+            continue
+        modules[name] = _collapse(gm, graph, nodes, name, len(modules))
+    graph.lint()
+    attributes = {_attr(name): module for name, module in modules.items()}
+    for n in graph.nodes:
+        if n.op == "get_attr" and n.target not in attributes:
+            attributes[n.target] = getattr(gm, n.target)
+    return torch.fx.GraphModule(attributes, graph), skipped
+
+
+def _attr(region: str) -> str:
+    return "checkpointed_" + region.replace(".", "_")
+
+
+def _contiguous(graph: torch.fx.Graph, nodes: list[Node]) -> bool:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    positions = sorted(order[n] for n in nodes)
+    return positions[-1] - positions[0] + 1 == len(positions)
+
+
+def _collapse(gm, graph: torch.fx.Graph, nodes: list[Node], name: str, index: int) -> torch.fx.GraphModule:
+    inside = set(nodes)
+    inputs: dict[Node, None] = {}
+    for n in nodes:
+        for x in n.all_input_nodes:
+            if x not in inside:
+                inputs.setdefault(x)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    sub = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    for x in inputs:
+        env[x] = sub.placeholder(x.name)
+    for n in nodes:
+        env[n] = sub.node_copy(n, env.__getitem__)
+    sub.output(tuple(env[o] for o in outputs))
+    region = torch.fx.GraphModule(gm, sub)
+    with graph.inserting_before(nodes[0]):
+        module = graph.get_attr(_attr(name))
+        call = graph.call_function(run_checkpointed, (module, *inputs))
+        items = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+    for out, item in zip(outputs, items):
+        item.meta = dict(out.meta)
+        out.replace_all_uses_with(item)
+    for n in reversed(nodes):
+        graph.erase_node(n)
+    return region
