@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from common import time_ms  # noqa: E402
 
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
 from kernels.rope import rope, rope_reference  # noqa: E402
@@ -181,19 +182,6 @@ def max_rel_err(values, reference) -> float:
         r = r.float()
         worst = max(worst, ((v.float() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item())
     return worst
-
-
-def time_ms(fn: Callable, device: torch.device) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def graph_ms(fn: Callable, device: torch.device, calls: int = 10) -> float | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import time_ms  # noqa: E402
+
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 
 IGNORED_FRACTION = 0.05  # labels set to -100 (padding, masked prompt)
@@ -104,19 +105,6 @@ def reference_fp64(x, w, labels, weight_grad: bool, chunk: int = 2048):
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def time_ms(fn, device: torch.device, rep_ms: int) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 10), rep=rep_ms, return_mode="median"))
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def peak_bytes(fn, device: torch.device) -> int | None:

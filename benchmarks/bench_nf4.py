@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from functools import partial
@@ -36,6 +35,7 @@ import bitsandbytes  # noqa: E402
 import bitsandbytes.functional as bnbf  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
+from common import time_ms  # noqa: E402
 
 from kernels import nf4  # noqa: E402
 
@@ -43,19 +43,6 @@ LLAMA_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate/
 LLAMA_8B["down_proj"] = (4096, 14336)
 SMOKE = {"tiny": (64, 256), "odd": (37, 192)}
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-def time_ms(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def quantize(shape, dtype, quant_type, blocksize, nested, device, seed=0):
@@ -107,8 +94,8 @@ def memory_bandwidth(device: torch.device) -> tuple[float, float]:
     size = (1 << 30) if device.type == "cuda" else (1 << 24)
     src = torch.empty(size, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    copy = 2 * size / time_ms(lambda: dst.copy_(src), device) / 1e6
-    fill = size / time_ms(lambda: dst.fill_(7), device) / 1e6
+    copy = 2 * size / time_ms(lambda: dst.copy_(src), device, 200) / 1e6
+    fill = size / time_ms(lambda: dst.fill_(7), device, 200) / 1e6
     return copy, fill
 
 
@@ -130,7 +117,7 @@ def time_shapes(shapes: dict, device: torch.device, copy_gbs: float) -> list[dic
             times = {label: [] for label in ops}
             for _ in range(3):
                 for label, fn in ops.items():
-                    times[label].append(time_ms(fn, device))
+                    times[label].append(time_ms(fn, device, 200))
             for label, runs in times.items():
                 ms = min(runs)
                 row[label + "_us"] = ms * 1e3
@@ -177,7 +164,7 @@ def time_matmuls(shapes: dict, device: torch.device, tokens: int) -> list[dict]:
             times = {label: [] for label in ops}
             for _ in range(2):
                 for label, fn in ops.items():
-                    times[label].append(time_ms(fn, device))
+                    times[label].append(time_ms(fn, device, 200))
             for label, runs in times.items():
                 row[label + "_us"] = min(runs) * 1e3
                 row[label + "_tflops"] = 2 * tokens * n * k / min(runs) / 1e9
@@ -203,7 +190,7 @@ def sweep(shapes: dict, device: torch.device) -> list[dict]:
             nf4._TILE, nf4._WARPS = tile, warps
             row = dict(tile=tile, warps=warps)
             for name, (weight, buffer) in weights.items():
-                ms = time_ms(lambda w=weight, b=buffer: nf4.dequantize(w, out=b), device)
+                ms = time_ms(lambda w=weight, b=buffer: nf4.dequantize(w, out=b), device, 200)
                 row[name] = bytes_moved(weight) / ms / 1e6
             rows.append(row)
     nf4._TILE, nf4._WARPS = saved
@@ -252,7 +239,7 @@ def sweep_matmul(shapes: dict, device: torch.device, tokens: int = 4096) -> list
                 n, k = weight.shape
                 x = torch.randn(tokens, n if transpose else k, device=device, dtype=torch.bfloat16)
                 try:
-                    ms = time_ms(partial(nf4.matmul_4bit, x, weight, transpose), device)
+                    ms = time_ms(partial(nf4.matmul_4bit, x, weight, transpose), device, 200)
                     tflops[name] = 2 * tokens * n * k / ms / 1e9
                 except Exception as exc:  # out of shared memory, say: report, go on
                     print(f"config {config} failed: {type(exc).__name__}: {str(exc)[:100]}")

@@ -93,14 +93,15 @@ def main() -> None:
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     model = get_peft_model(model, lora)
-    model = optimize(model)
+    data = list(batches(tokens, args.seq_len, args.batch_size, args.steps, device))
+    model = optimize(model, sample=data[0])  # capture and verify on a real batch: no recompile later
     print(report(model))
     if args.json:
         Path(args.json).write_text(report(model).to_json())
 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    progress = tqdm(batches(tokens, args.seq_len, args.batch_size, args.steps, device), total=args.steps, desc="train")
+    progress = tqdm(data, desc="train")
     for step, batch in enumerate(progress):
         loss = model(**batch).loss
         loss.backward()

@@ -151,28 +151,39 @@ def _activation(group: ModuleGroup) -> torch.fx.Node | str:
 # -- binding a group to a fused node ------------------------------------------------------------
 
 
-def bind_projections(group: ModuleGroup) -> ModuleBinding | str:
-    """Projections sharing one input (one LoRA layer, or q, k and v)."""
-    for module in group.modules:
-        why = lora_problem(module)
+def _fusable(group: ModuleGroup, layers: list[torch.nn.Module]):
+    """(x, projections, the (A, B, bias) nodes of every layer), or why the layers cannot be one
+    fused node."""
+    for layer in layers:
+        why = lora_problem(layer)
         if why:
             return why
     x = _activation(group)
     if isinstance(x, str):
         return x
-    x_dtype = x.meta["example_value"].dtype
-    projections = tuple(projection(m, x_dtype) for m in group.modules)
+    projections = tuple(projection(m, x.meta["example_value"].dtype) for m in layers)
     if len({(p.compute_dtype, p.quantized) for p in projections}) != 1:
         return "the projections differ in compute dtype or quantization"
-    params, outputs = [], []
-    for path, module in zip(group.paths, group.modules):
-        nodes = _params(group, module)
+    params = []
+    for layer in layers:
+        nodes = _params(group, layer)
         if isinstance(nodes, str):
             return nodes
+        params += nodes
+    return x, projections, params
+
+
+def bind_projections(group: ModuleGroup) -> ModuleBinding | str:
+    """Projections sharing one input (one LoRA layer, or q, k and v)."""
+    fusable = _fusable(group, group.modules)
+    if isinstance(fusable, str):
+        return fusable
+    x, projections, params = fusable
+    outputs = []
+    for path in group.paths:
         out = group.outputs_of(path)
         if len(out) != 1:
             return f"{path} has {len(out)} outputs, expected one"
-        params += nodes
         outputs += out
     if len(outputs) != len(group.outputs):
         return "a value other than the projections' outputs leaves the group"
@@ -191,26 +202,12 @@ def bind_projections(group: ModuleGroup) -> ModuleBinding | str:
 
 def bind_mlp(group: ModuleGroup) -> ModuleBinding | str:
     (mlp,) = group.modules
-    layers = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    for layer in layers:
-        why = lora_problem(layer)
-        if why:
-            return why
-    x = _activation(group)
-    if isinstance(x, str):
-        return x
+    fusable = _fusable(group, [mlp.gate_proj, mlp.up_proj, mlp.down_proj])
+    if isinstance(fusable, str):
+        return fusable
+    x, (gate, up, down), params = fusable
     if len(group.outputs) != 1:
         return f"the MLP has {len(group.outputs)} outputs, expected one"
-    x_dtype = x.meta["example_value"].dtype
-    gate, up, down = (projection(m, x_dtype) for m in layers)
-    if len({(p.compute_dtype, p.quantized) for p in (gate, up, down)}) != 1:
-        return "the projections differ in compute dtype or quantization"
-    params = []
-    for layer in layers:
-        nodes = _params(group, layer)
-        if isinstance(nodes, str):
-            return nodes
-        params += nodes
 
     def lora_swiglu_mlp(x, *params):
         return lora_mlp(x, gate, up, down, *params)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues need, in priority order, each bounded so one call of the
+# device tool (10 minutes) returns whatever finished. Run from the repository root on the GPU
+# machine after installing the wheel bundle (../shared/gpu/wheels.sh liger-kernel==0.8.5):
+#   bash benchmarks/gpu_session.sh e2e     # issue 6: 8B QLoRA, 2048x2 both modes, then 16384x1
+#   bash benchmarks/gpu_session.sh kernels # issues 3-5: lora nodes, elementwise, loss, nf4
+set -u
+out=${OUT:-out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt" 2> "$out/$name.log"; echo "== $name (rc $?)"; cat "$out/$name.txt"; }
+(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+ python3 -c "import torch, triton, transformers, peft, bitsandbytes; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__)") > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+case "${1:-e2e}" in
+  e2e)
+    run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 160 --out "$out/e2e_2048.json"
+    run e2e_16k 240 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 220 --out "$out/e2e_16k.json"
+    ;;
+  kernels)
+    run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"
+    run elementwise 120 python3 benchmarks/bench_elementwise.py --out "$out/elementwise.json"
+    run loss 240 python3 benchmarks/bench_loss.py --out "$out/loss.json"
+    run nf4 90 python3 benchmarks/bench_nf4.py --out "$out/nf4.json"
+    ;;
+esac
