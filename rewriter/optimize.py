@@ -23,6 +23,7 @@ from rewriter import registry
 from rewriter.capture import compile_with, graph_break_reasons
 from rewriter.checkpoint import checkpoint_regions
 from rewriter.match import Match, Pattern, find_matches
+from rewriter.module_match import ModulePattern
 from rewriter.replace import rewrite
 from rewriter.report import MatchRecord, RewriteReport, WholeModelCheck
 from rewriter.verify import check_match, record_values, relative_error
@@ -58,7 +59,7 @@ def optimize(
     sample: Mapping[str, Any] | None = None,
     verify: bool = True,
     strict: bool = False,
-    patterns: Sequence[str | Pattern] | None = None,
+    patterns: Sequence[str | Pattern | ModulePattern] | None = None,
 ) -> torch.nn.Module:
     """Rewrite `model` (a Hugging Face causal LM, plain or PEFT-wrapped) to train through
     graft's kernels, verify it on `sample` (a batch dict; one is made from the config if
@@ -100,10 +101,10 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _choose_patterns(model_type: str, names: Sequence[str | Pattern] | None) -> list[Pattern] | None:
+def _choose_patterns(model_type: str, names: Sequence[Any] | None) -> list[Any] | None:
     if names is None:
         return registry.patterns_for(model_type)
-    return [p if isinstance(p, Pattern) else registry.pattern_named(p) for p in names]
+    return [registry.pattern_named(p) if isinstance(p, str) else p for p in names]
 
 
 def synthesize_sample(hf: torch.nn.Module, batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
@@ -168,13 +169,15 @@ class _Session:
         self.ran = False
         self.bypass = False  # run the original forward (the whole-model check's reference)
         self.checkpoint_layers: tuple[str, ...] = ()
-        self.original_forward = hf.forward
+        # optimize() called again on the same model: start from the original forward
+        self.original_forward = getattr(hf.forward, "graft_original", hf.forward)
         self.compiled = compile_with(self.original_forward, self.backend, type(hf).__name__)
 
         @functools.wraps(self.original_forward)
         def forward(*args, **kwargs):
             return self.forward(*args, **kwargs)
 
+        forward.graft_original = self.original_forward
         hf.forward = forward
 
     # -- running ---------------------------------------------------------------------------

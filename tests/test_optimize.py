@@ -193,3 +193,11 @@ def test_report_json_and_table():
     text = str(rep)
     assert "rmsnorm" in text and "verified" in text
     assert "model.layers.0.input_layernorm" in rep.details()
+
+
+def test_optimizing_twice_starts_from_the_original_forward():
+    twin = tiny_causal_lm("llama")
+    model = optimize(optimize(tiny_causal_lm("llama"), patterns=["rmsnorm"]))
+    assert report(model).counts()["rmsnorm"] == 2 * LAYERS + 1 and report(model).verified
+    assert model.get_base_model().forward.graft_original.__self__ is model.get_base_model()
+    assert_same_training(twin, model, torch.float32)
