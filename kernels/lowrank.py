@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import use_triton
+from kernels.runtime import num_programs_for_reduction, use_triton
 
 _SHIFT = {torch.bfloat16: 8, torch.float16: 11}
 
@@ -167,7 +167,7 @@ def grad(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         return (u.float().t() @ x.float()) * scale
     bm, bk = 64, 64
     k_blocks = triton.cdiv(k, bk)
-    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    target = num_programs_for_reduction(x.device)
     splits = max(1, min(triton.cdiv(m, bm), target // k_blocks))
     rows = triton.cdiv(triton.cdiv(m, splits), bm) * bm
     splits = triton.cdiv(m, rows) if m else 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -19,11 +20,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def num_programs_for_reduction(device: torch.device) -> int:
-    """Programs for a persistent grid that reduces across rows: a few per SM on a GPU;
-    on the interpreter every program is a Python loop, so few."""
+    """Programs for a grid that reduces across rows: a few per SM on a GPU (looked up once
+    per device: this runs in every backward); on the interpreter every program is a Python
+    loop, so few."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _round_bf16_nearest_even(data: np.ndarray) -> np.ndarray:
