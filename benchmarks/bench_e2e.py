@@ -134,7 +134,12 @@ def worker(spec: dict) -> dict:
         from rewriter import optimize, report
 
         t0 = time.perf_counter()
-        optimize(model, sample=data[0])
+        sample = data[0]
+        if spec.get("verify_tokens") and spec["seq"] > spec["verify_tokens"]:
+            # verify on a prefix (16k tokens of float64 checks take minutes); training at the
+            # full length then compiles once more and reuses the verified decisions
+            sample = {k: v[:1, : spec["verify_tokens"]] if torch.is_tensor(v) else v for k, v in sample.items()}
+        optimize(model, sample=sample)
         result["optimize_s"] = time.perf_counter() - t0
         rep = report(model)
         result["counts"] = rep.counts()
@@ -154,6 +159,8 @@ def worker(spec: dict) -> dict:
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - t0)
         print(f"  step {step} loss {losses[-1]:.4f} {times[-1]:.3f}s", file=sys.stderr, flush=True)
+    if spec.get("profile") and device == "cuda":
+        result["profile"] = profile_step(model, opt, data[-1], spec["profile"], f"{variant}_{'ckpt' if ckpt else 'nockpt'}")
     if variant == "graft":
         rep = report(model)
         result["report"] = str(rep)
@@ -169,6 +176,31 @@ def worker(spec: dict) -> dict:
     )
     result["mfu"] = result["tokens_per_s"] * flops_per_token(shape, ckpt) / (PEAK_TFLOPS * 1e12)
     return result
+
+
+def profile_step(model, opt, batch: dict, folder: str, name: str) -> dict:
+    """One more step under torch.profiler (after the timed ones): the kernel table by GPU time,
+    the operator table by host time, and how busy the GPU was over the step's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / f"profile_{name}.txt", "w") as f:
+        f.write(f"wall {wall * 1e3:.1f} ms, GPU busy {gpu_us / 1e3:.1f} ms\n\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
+        f.write("\n\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    return {"wall_ms": wall * 1e3, "gpu_busy_ms": gpu_us / 1e3}
 
 
 def run_variant(spec: dict, timeout: float) -> dict:
@@ -223,6 +255,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per variant")
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, 4 steps")
+    parser.add_argument("--verify-tokens", type=int, help="graft: verify on a prefix of this many tokens")
+    parser.add_argument("--profile", help="after timing, profile one more step; tables go in this folder")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -236,6 +270,10 @@ def main() -> None:
             spec = dict(
                 shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps, variant=variant, checkpointing=ckpt
             )
+            if args.profile:
+                spec["profile"] = args.profile
+            if args.verify_tokens:
+                spec["verify_tokens"] = args.verify_tokens
             t0 = time.perf_counter()
             results.append(run_variant(spec, args.timeout))
             print(

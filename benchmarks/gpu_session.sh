@@ -13,8 +13,8 @@ run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt
 cat "$out/env.txt"
 case "${1:-e2e}" in
   e2e)
-    run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 160 --out "$out/e2e_2048.json"
-    run e2e_16k 240 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 220 --out "$out/e2e_16k.json"
+    run e2e_2048 360 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 170 --profile "$out" --out "$out/e2e_2048.json"
+    run e2e_16k 220 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --out "$out/e2e_16k.json"
     ;;
   kernels)
     run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"
