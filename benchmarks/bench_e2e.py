@@ -160,7 +160,9 @@ def worker(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         print(f"  step {step} loss {losses[-1]:.4f} {times[-1]:.3f}s", file=sys.stderr, flush=True)
     if spec.get("profile") and device == "cuda":
-        result["profile"] = profile_step(model, opt, data[-1], spec["profile"], f"{variant}_{'ckpt' if ckpt else 'nockpt'}")
+        result["profile"] = profile_step(
+            model, opt, data[-1], spec["profile"], f"{variant}_{'ckpt' if ckpt else 'nockpt'}"
+        )
     if variant == "graft":
         rep = report(model)
         result["report"] = str(rep)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,31 @@ WHOLE_MODEL_BOUNDS = {
 SPREAD_FACTOR = 4.0
 
 _REPORTS: weakref.WeakKeyDictionary[torch.nn.Module, RewriteReport] = weakref.WeakKeyDictionary()
+
+
+_SESSIONS: weakref.WeakKeyDictionary[torch.nn.Module, _Session] = weakref.WeakKeyDictionary()
+
+
+def _bound_forward(hf: torch.nn.Module, original: Any) -> Any:
+    """The instance forward optimize() installs: a method bound to `hf` that finds its session
+    by the module it is called on. A copy of the model (copy.deepcopy rebinds bound methods
+    to the copy) has no session and runs the class's forward unoptimized, never the
+    original's graph with the original's parameters."""
+    function = getattr(original, "__func__", None) or type(hf).forward
+
+    @functools.wraps(function)  # keeps the signature HF Trainer inspects
+    def forward(self, *args, **kwargs):
+        session = _SESSIONS.get(self)
+        if session is None:
+            if not getattr(self, "_graft_copy_warned", False):
+                self._graft_copy_warned = True
+                warnings.warn("graft: this is a copy of an optimized model; it runs unoptimized", stacklevel=2)
+            return type(self).forward(self, *args, **kwargs)
+        return session.forward(*args, **kwargs)
+
+    method = types.MethodType(forward, hf)
+    forward.graft_original = original
+    return method
 
 
 class GraftError(RuntimeError):
@@ -170,15 +196,13 @@ class _Session:
         self.bypass = False  # run the original forward (the whole-model check's reference)
         self.checkpoint_layers: tuple[str, ...] = ()
         # optimize() called again on the same model: start from the original forward
-        self.original_forward = getattr(hf.forward, "graft_original", hf.forward)
+        original = getattr(hf.forward, "graft_original", hf.forward)
+        if getattr(original, "__self__", hf) is not hf:  # a copy of an optimized model
+            original = types.MethodType(original.__func__, hf)
+        self.original_forward = original
         self.compiled = compile_with(self.original_forward, self.backend, type(hf).__name__)
-
-        @functools.wraps(self.original_forward)
-        def forward(*args, **kwargs):
-            return self.forward(*args, **kwargs)
-
-        forward.graft_original = self.original_forward
-        hf.forward = forward
+        _SESSIONS[hf] = self
+        hf.forward = _bound_forward(hf, self.original_forward)
 
     # -- running ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:

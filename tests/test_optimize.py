@@ -201,3 +201,18 @@ def test_optimizing_twice_starts_from_the_original_forward():
     assert report(model).counts()["rmsnorm"] == 2 * LAYERS + 1 and report(model).verified
     assert model.get_base_model().forward.graft_original.__self__ is model.get_base_model()
     assert_same_training(twin, model, torch.float32)
+
+
+def test_a_deep_copy_trains_its_own_parameters_unoptimized_and_can_be_optimized_again():
+    import copy
+
+    twin = tiny_causal_lm("llama")
+    model = optimize(tiny_causal_lm("llama"), patterns=["rmsnorm"])
+    with pytest.warns(UserWarning, match="copy of an optimized model"):
+        clone = copy.deepcopy(model)
+        assert_same_training(twin, clone, torch.float32)
+    assert all(p.grad is None for p in model.parameters())  # the original was not touched
+    clone = optimize(clone, patterns=["rmsnorm"])
+    assert report(clone).verified and report(clone).counts()["rmsnorm"] == 2 * LAYERS + 1
+    assert clone.get_base_model().forward.graft_original.__self__ is clone.get_base_model()
+    assert_same_training(twin, clone, torch.float32)
