@@ -13,6 +13,7 @@ of the output and of dx), then timed (CUDA events, median) and its peak memory m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -52,6 +53,44 @@ def timed(fn, repeats: int, device: str) -> tuple[float, float]:
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
     return statistics.median(times), peak
+
+
+def lowrank_check(device: str, smoke: bool) -> list[dict]:
+    """kernels/lowrank.py's products on this GPU at the 8B shapes: error against float64 next to
+    eager's fp32 matmul's error (the bar: at most 1x, plus a sixteenth of an fp32 ulp), and
+    time against that matmul."""
+    from kernels import lowrank
+
+    gen = torch.Generator(device=device).manual_seed(2)
+    rows = []
+    shapes = [(64, 128)] if smoke else [(4096, 4096), (4096, 14336), (16384, 4096)]
+    for m, k in shapes:
+        x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+        a = torch.randn(16, k, device=device, generator=gen) / k**0.5  # lora_A (fp32)
+        u = torch.randn(m, 16, device=device, generator=gen)  # an fp32 rank-16 factor
+        products = {
+            "down": (lambda x, a, u: lowrank.down(x, a), lambda x, a, u: x.float() @ a.t(), lambda x, a, u: x.double() @ a.double().t()),
+            "grad": (lambda x, a, u: lowrank.grad(x, u), lambda x, a, u: u.t() @ x.float(), lambda x, a, u: u.double().t() @ x.double()),
+        }  # fmt: skip
+        for op, fns in products.items():
+            ours, eager, exact = (functools.partial(f, x, a, u) for f in fns)
+            ref = exact()
+            err = {n: ((f().double() - ref).norm() / ref.norm()).item() for n, f in (("ours", ours), ("eager", eager))}
+            t_ours, _ = timed(ours, 10, device)
+            t_eager, _ = timed(eager, 10, device)
+            rows.append(
+                dict(
+                    op=op,
+                    m=m,
+                    k=k,
+                    err_ours=err["ours"],
+                    err_eager=err["eager"],
+                    ours_us=t_ours * 1e6,
+                    eager_us=t_eager * 1e6,
+                )
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def main() -> None:
@@ -94,6 +133,7 @@ def main() -> None:
             lambda x: lora_mlp(x, *(projection(m, x.dtype) for m in mlp_layers), *params(*mlp_layers)),
         ),
     }
+    checks = lowrank_check(device, args.smoke)
     results = []
     for name, (eager, ours) in nodes.items():
         row = {"node": name, "tokens": tokens}
@@ -120,7 +160,13 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).write_text(json.dumps({"nodes": results, "lowrank": checks}, indent=1))
+    print(f"{'op':<5} {'M':>6} {'K':>6} {'err ours':>9} {'err eager':>9} {'ours us':>8} {'eager us':>8}")
+    for c in checks:
+        print(
+            f"{c['op']:<5} {c['m']:>6} {c['k']:>6} {c['err_ours']:>9.2e} {c['err_eager']:>9.2e} "
+            f"{c['ours_us']:>8.1f} {c['eager_us']:>8.1f}"
+        )
     print(
         f"{'node':<9} {'tokens':>6} {'eager ms':>9} {'ours ms':>8} {'speedup':>8} {'eager GiB':>9} {'ours GiB':>9} {'d out':>8} {'d dx':>8}"
     )

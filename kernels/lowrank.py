@@ -5,11 +5,15 @@ activations they multiply are bf16/fp16. Eager PyTorch makes an fp32 copy of eve
 for these products (x.float() for lora_A, and fp32 (M, N) intermediates for lora_B), which is
 most of LoRA's memory traffic. The three ops here read the big operand once in its own dtype.
 
-Accuracy: down and grad feed the LoRA gradients, which PEFT computes as fp32 matmuls; they use
-exact fp32 dots (each half-precision operand widened in registers, which is exact), as
-accurate as eager's fp32 GEMM. (A three-part bf16 split of the fp32 operand, 24 bits on the
-tensor cores, was as accurate in Triton's interpreter but measured 12x eager's error for dB on
-the H200, 2026-11-29; it is kept only where the result is rounded to half precision anyway.)
+Accuracy: down and grad feed the LoRA gradients, which PEFT computes as fp32 matmuls, so they
+must be as accurate as an fp32 GEMM. With a bf16 activation X (exact on the tensor cores) the
+fp32 factor is split into three bf16 parts, p = p0 + p1 2^-8 + p2 2^-16 (24 bits, all of p's
+mantissa), and X p = X p0 + (X p1 + X p2 2^-8) 2^-8. Each tensor-core dot covers only one
+block of the reduction (64 terms, a fresh accumulator) and the blocks are summed with ordinary
+round-to-nearest fp32 adds: the H200's tensor cores do not round their fp32 accumulation to
+nearest, so a dot that accumulates over the whole reduction (4096 terms) measured 12x eager's
+error for dB (2026-11-29); bounded to 64 terms, that effect stays below fp32 rounding of the
+sum. fp16 and fp32 activations use exact fp32 dots (fp16 parts would go subnormal).
 up_add's term is added to a half-precision Y: both fp32 factors are split into two bf16/fp16
 parts, a ~ a0 + a1 2^-S (S = 8 for bf16, 11 for fp16; the scaling keeps the residual out of the
 subnormal range), and the three largest cross terms are kept, far below Y's rounding. An
@@ -46,10 +50,34 @@ def _split2(a, DT: tl.constexpr, SCALE: tl.constexpr):
 
 
 @triton.jit
+def _split3(a, SCALE: tl.constexpr):
+    """a (fp32) = a0 + (a1 + a2 / SCALE) / SCALE exactly, three bf16 parts (SCALE = 2^8)."""
+    a0 = a.to(tl.bfloat16)
+    rest = (a - a0.to(tl.float32)) * SCALE
+    a1 = rest.to(tl.bfloat16)
+    a2 = ((rest - a1.to(tl.float32)) * SCALE).to(tl.bfloat16)
+    return a0, a1, a2
+
+
+@triton.jit
+def _dot_fp32(a, b, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, SCALE: tl.constexpr):
+    """a @ b at fp32 accuracy for one reduction block. With SPLIT, one operand is bf16 (exact
+    on the tensor cores) and the other, fp32, is split in three (the first if SPLIT_FIRST);
+    else both are widened to fp32 (exact fp32 dots)."""
+    if SPLIT:
+        if SPLIT_FIRST:
+            a0, a1, a2 = _split3(a, SCALE)
+            return tl.dot(a0, b) + (tl.dot(a1, b) + tl.dot(a2, b) / SCALE) / SCALE
+        b0, b1, b2 = _split3(b, SCALE)
+        return tl.dot(a, b0) + (tl.dot(a, b1) + tl.dot(a, b2) / SCALE) / SCALE
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
 def _down_kernel(
     X, P, OUT, M, K, R, scale,
     sxm, sxk, spr, spk, som, sor,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rm = tl.cast(pid, tl.int64) * BM + tl.arange(0, BM)
@@ -59,7 +87,7 @@ def _down_kernel(
         rk = k0 + tl.arange(0, BK)
         x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         p = tl.load(P + rr[None, :] * spr + rk[:, None] * spk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-        acc = tl.dot(x.to(tl.float32), p.to(tl.float32), acc, input_precision="ieee")
+        acc += _dot_fp32(x, p.to(tl.float32), SPLIT, False, 256.0)  # one block per dot, summed in fp32
     tl.store(OUT + rm[:, None] * som + rr[None, :] * sor, acc * scale, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
@@ -97,7 +125,7 @@ def _up_add_kernel(
 def _grad_kernel(
     X, U, PARTIAL, M, K, R, rows_per_split,
     sxm, sxk, sum_, sur,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     pid_k, split = tl.program_id(0), tl.program_id(1)
     rk = tl.cast(pid_k, tl.int64) * BK + tl.arange(0, BK)
@@ -109,7 +137,7 @@ def _grad_kernel(
         inside = rm < tl.minimum(M, start + rows_per_split)
         ut = tl.load(U + rm[None, :] * sum_ + rr[:, None] * sur, mask=inside[None, :] & (rr[:, None] < R), other=0.0)
         x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=inside[:, None] & (rk[None, :] < K), other=0.0)
-        acc = tl.dot(ut.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+        acc += _dot_fp32(ut.to(tl.float32), x, SPLIT, True, 256.0)  # one block per dot
     out = PARTIAL + split * R * K + rr[:, None] * K + rk[None, :]
     tl.store(out, acc, mask=(rr[:, None] < R) & (rk[None, :] < K))
 
@@ -132,10 +160,10 @@ def down(x: torch.Tensor, p: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     if not use_triton(x, p):
         return (x.float() @ p.float().t()) * scale
     out = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    bm = 64
+    bm = 64 if triton.cdiv(m, 64) >= num_programs_for_reduction(x.device) // 4 else 32  # fill the SMs
     _down_kernel[(triton.cdiv(m, bm),)](
         x, p, out, m, k, r, scale, *x.stride(), *p.stride(), *out.stride(),
-        BM=bm, BK=64, BR=_block_r(r),
+        BM=bm, BK=64, BR=_block_r(r), SPLIT=x.dtype == torch.bfloat16,
     )  # fmt: skip
     return out
 
@@ -176,6 +204,6 @@ def grad(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         return torch.zeros((r, k), dtype=torch.float32, device=x.device)
     _grad_kernel[(k_blocks, splits)](
         x, u, partial, m, k, r, rows, *x.stride(), *u.stride(),
-        BM=bm, BK=bk, BR=_block_r(r),
+        BM=bm, BK=bk, BR=_block_r(r), SPLIT=x.dtype == torch.bfloat16,
     )  # fmt: skip
     return partial.sum(0) * scale if splits > 1 else partial[0] * scale

@@ -33,10 +33,15 @@ from rewriter.verify import check_match, record_values, relative_error
 # the strict ones): the largest relative difference in the loss and in all trainable gradients
 # (one vector) between the original and the rewritten model that still counts as rounding, not
 # wiring; or SPREAD_FACTOR times the original's difference with itself, if that is larger.
+# bf16 gradients: on the 8B model (32 layers, 4096 tokens, H200) every replacement matched
+# float64 within eager's own error, yet the gradient vectors of the two models differed by
+# 5.8e-2 and 5.9e-2 (bf16 is 3.9e-3 per rounding, and each model rounds in different places
+# through 32 layers of backward), while the original differed from itself by 1-2e-2
+# (nondeterministic attention backward). A wiring error moves gradients by O(1).
 WHOLE_MODEL_BOUNDS = {
     torch.float32: (1e-5, 1e-4),
     torch.float16: (2e-3, 1e-2),
-    torch.bfloat16: (1e-2, 3e-2),
+    torch.bfloat16: (1e-2, 1e-1),
 }
 SPREAD_FACTOR = 4.0
 
