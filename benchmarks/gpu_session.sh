@@ -20,6 +20,12 @@ case "${1:-e2e}" in
     run lora 150 python3 benchmarks/bench_lora.py --out "$out/lora.json"
     run e2e_2048 400 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 170 --profile "$out" --out "$out/e2e_2048.json"
     ;;
+  final)  # the LoRA products and nodes, 8B 2048 x 2 both modes, 16384 x 1, then the Mistral shape
+    run lora 110 python3 benchmarks/bench_lora.py --out "$out/lora.json"
+    run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 150 --profile "$out" --out "$out/e2e_2048.json"
+    run e2e_16k 200 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --out "$out/e2e_16k.json"
+    run e2e_mistral 170 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 110 --out "$out/e2e_mistral.json"
+    ;;
   kernels)
     run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"
     run elementwise 120 python3 benchmarks/bench_elementwise.py --out "$out/elementwise.json"

@@ -64,13 +64,16 @@ def _dot_fp32(a, b, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, SCALE: tl.co
     """a @ b at fp32 accuracy for one reduction block. With SPLIT, one operand is bf16 (exact
     on the tensor cores) and the other, fp32, is split in three (the first if SPLIT_FIRST);
     else both are widened to fp32 (exact fp32 dots)."""
-    if SPLIT:
-        if SPLIT_FIRST:
-            a0, a1, a2 = _split3(a, SCALE)
-            return tl.dot(a0, b) + (tl.dot(a1, b) + tl.dot(a2, b) / SCALE) / SCALE
+    # if/else, no early return: Triton compiles what follows a returning branch
+    if SPLIT and SPLIT_FIRST:
+        a0, a1, a2 = _split3(a, SCALE)
+        out = tl.dot(a0, b) + (tl.dot(a1, b) + tl.dot(a2, b) / SCALE) / SCALE
+    elif SPLIT:
         b0, b1, b2 = _split3(b, SCALE)
-        return tl.dot(a, b0) + (tl.dot(a, b1) + tl.dot(a, b2) / SCALE) / SCALE
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a, b0) + (tl.dot(a, b1) + tl.dot(a, b2) / SCALE) / SCALE
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return out
 
 
 @triton.jit
