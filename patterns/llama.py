@@ -1,8 +1,8 @@
 """Llama (`model_type="llama"`): the patterns that apply, larger first."""
 
-from patterns import activations, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
+from patterns import activations, attention, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
 from rewriter.registry import register_architecture
 
 register_architecture(
-    "llama", ["lora_mlp", "lora_qkv", "lora_o", "lora_linear", "rmsnorm", "rope", "swiglu", "linear_cross_entropy"]
+    "llama", ["lora_mlp", "lora_qkv", "lora_o", "lora_linear", "rmsnorm", "rope", "swiglu", "causal_attention", "linear_cross_entropy"]
 )

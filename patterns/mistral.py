@@ -1,8 +1,8 @@
 """Mistral (`model_type="mistral"`): the same decoder layer as Llama."""
 
-from patterns import activations, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
+from patterns import activations, attention, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
 from rewriter.registry import register_architecture
 
 register_architecture(
-    "mistral", ["lora_mlp", "lora_qkv", "lora_o", "lora_linear", "rmsnorm", "rope", "swiglu", "linear_cross_entropy"]
+    "mistral", ["lora_mlp", "lora_qkv", "lora_o", "lora_linear", "rmsnorm", "rope", "swiglu", "causal_attention", "linear_cross_entropy"]
 )

@@ -40,6 +40,7 @@ import kernels.runtime
 
 TARGET_ARCH = 90
 H200_SMS = 132
+GPU_NF4_TILE = 8192  # kernels/nf4.py's _TILE when not interpreted
 
 _TORCH_TO_TRITON = {
     torch.bfloat16: "bf16",
@@ -171,7 +172,6 @@ def cuda_launch_choices() -> Iterator[None]:
         mp.setattr(lce, "_block_and_warps", lambda vocab, device: lce_block(vocab, cuda))
         for module in (rmsnorm, lowrank):
             mp.setattr(module, "num_programs_for_reduction", lambda device: 4 * H200_SMS)
-        mp.setattr(nf4, "_TILE", 8192)  # the GPU's tile (the interpreter takes 2^17)
         mp.setattr(nf4, "INTERPRET", False)  # matmul_4bit: GPU tiles, bf16 dots (no fp32 widening)
         yield
 
@@ -295,13 +295,18 @@ def drive_nf4() -> None:
 
     for dtype in FLOATS:
         for nested, blocksize in ((True, 64), (False, 128)):
-            # odd value count; a whole GPU tile (8192 values); a whole interpreter tile (2^17)
-            for shape in ((5, 7), (64, 128), (256, 512)):
-                dequantize(weight(shape, dtype, "nf4", blocksize, nested))
-            dequantize(weight((33, 320), dtype, "fp4", blocksize, nested))
-            w = weight((96, 256), dtype, "nf4", blocksize, nested)
-            matmul_4bit(torch.randn(19, 256, dtype=dtype), w)  # x @ W^T
-            matmul_4bit(torch.randn(19, 96, dtype=dtype), w, transpose=True)  # x @ W
+            # an odd value count; whole tiles of 8192 values; neither
+            for shape, quant_type in (((5, 7), "nf4"), ((64, 128), "nf4"), ((33, 320), "fp4")):
+                dequantize(weight(shape, dtype, quant_type, blocksize, nested))
+    # matmul_4bit compiles slowly (128 x 128 tiles): each dtype once, nested and not among them
+    for dtype, nested, blocksize in (
+        (torch.bfloat16, True, 64),
+        (torch.float16, False, 128),
+        (torch.float32, True, 256),
+    ):
+        w = weight((96, 256), dtype, "nf4", blocksize, nested)
+        matmul_4bit(torch.randn(19, 256, dtype=dtype), w)  # x @ W^T
+        matmul_4bit(torch.randn(19, 96, dtype=dtype), w, transpose=True)  # x @ W
 
 
 def drive_linear_cross_entropy() -> None:
@@ -332,8 +337,13 @@ MODES = ("cpu_launch", "cuda_launch")
 
 def record(group: str, mode: str) -> list[Launch]:
     """The distinct launches one op group makes, with CPU or CUDA launch choices."""
+    import kernels.nf4 as nf4
+
     torch.manual_seed(0)
-    with recording_launches() as launches:
+    with recording_launches() as launches, pytest.MonkeyPatch.context() as mp:
+        # nf4's dequantize takes 2^17-value tiles in the interpreter (8192 on a GPU), in both
+        # modes here: no GPU ever builds that tile, and it takes ~10 s a configuration to compile.
+        mp.setattr(nf4, "_TILE", GPU_NF4_TILE)
         if mode == "cuda_launch":
             with cuda_launch_choices():
                 DRIVERS[group]()
