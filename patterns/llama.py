@@ -4,5 +4,16 @@ from patterns import activations, attention, lora, loss, norms, rope  # noqa: F4
 from rewriter.registry import register_architecture
 
 register_architecture(
-    "llama", ["lora_mlp", "lora_qkv", "lora_o", "lora_linear", "rmsnorm", "rope", "swiglu", "causal_attention", "linear_cross_entropy"]
+    "llama",
+    [
+        "lora_mlp",
+        "lora_qkv",
+        "lora_o",
+        "lora_linear",
+        "rmsnorm",
+        "rope",
+        "swiglu",
+        "causal_attention",
+        "linear_cross_entropy",
+    ],
 )

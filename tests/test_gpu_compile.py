@@ -1,22 +1,27 @@
-"""Every Triton kernel, as our ops launch it, compiles for an H100/H200 (sm_90) without a GPU.
+"""Every Triton kernel, as our ops launch it, compiles for an H100/H200 (sm_90), without a GPU.
 
 The other tests run the kernels in Triton's interpreter, which executes each branch as Python
 and never type-checks what the GPU compiler sees: a constexpr `if` with an early `return` in a
 @triton.jit helper once passed every CPU test and failed to compile on the GPU ("Both operands
-must be same dtype"). Here the public ops run on small CPU tensors (in the interpreter) while
-every kernel launch is recorded: the kernel, the types of its arguments, its constexprs and its
-launch options (num_warps, enable_fp_fusion, ...). Each distinct configuration is then compiled
-with triton.compile for GPUTarget("cuda", 90, 32) down to a cubin (ptxas ships with Triton).
+must be same dtype"; this file catches it). Here the public ops run forward and backward on
+small CPU tensors (in the interpreter) while every kernel launch is recorded: the kernel, the
+types of its arguments, its constexprs and its launch options (num_warps, enable_fp_fusion, ...).
+Each distinct configuration is then compiled with triton.compile for GPUTarget("cuda", 90, 32)
+down to a cubin (ptxas ships with Triton), in worker processes without the interpreter.
 
-Launches are recorded twice per op group: as the CPU code path makes them (`cpu_launch`), and
-with the device-dependent launch choices switched to what they are on a CUDA device
-(`cuda_launch`: tile sizes, the SM count behind grid-splitting, nf4's interpreter-only fp32 dot),
-so the configurations the GPU actually compiles are covered too.
+Launches are recorded twice per op group: with the launch choices the CPU code path makes
+(`cpu_launch`), and with the device-dependent ones switched to a CUDA device's (`cuda_launch`:
+tile sizes, the SM count behind grid splits, nf4's matmul tiles and its bf16 dots, which the
+interpreter widens to fp32), so the configurations a GPU actually builds are covered too. In
+both, nf4's dequantize takes the GPU's tile (see `record`).
 
-Signature, as the brief for this file fixes it: a tensor is "*" + its Triton dtype, a Python int
+Signature, as on a launch but simplified: a tensor is "*" + its Triton dtype, a Python int
 "i32" or "i64" by magnitude, a float "fp32", a bool "i1", None a constexpr. Unlike a real launch,
 ints equal to 1 are not specialised into constexprs and no divisibility hints are given: this
 checks types and control flow, not the exact binary a GPU run would build.
+
+Skipped, with the reason, where the kernels are not interpreted (TRITON_INTERPRET != 1) or this
+Triton cannot build an sm_90 cubin (no CUDA backend, no ptxas).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -381,7 +387,11 @@ def compile_one(fn, signature, constexprs, options, arch):
 
 
 def error_text(exc):
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    parts = []  # the error and what caused it: the innermost is the one inside a helper
+    while exc is not None and len(parts) < 8:
+        parts.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        exc = exc.__cause__ or exc.__context__
+    return "\n  caused by: ".join(parts)
 
 
 jobs_path, results_path, arch = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -453,19 +463,22 @@ def compile_for_sm90(launches: list[Launch], workdir: Path) -> tuple[str | None,
     procs = []
     for w in range(workers):
         jobs_path, results_path = workdir / f"jobs{w}.json", workdir / f"results{w}.jsonl"
+        stderr_path = workdir / f"stderr{w}.txt"
         jobs_path.write_text(json.dumps(jobs[w::workers]))
         cmd = [sys.executable, str(script), str(jobs_path), str(results_path), str(TARGET_ARCH)]
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append((proc, results_path, jobs[w::workers]))
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        procs.append((proc, results_path, stderr_path, jobs[w::workers]))
     results: dict[int, str | None] = {}
-    probe_errors = []
-    for proc, results_path, assigned in procs:
+    probe_errors, dead = [], []
+    deadline = time.monotonic() + _WORKER_TIMEOUT_S
+    for proc, results_path, stderr_path, assigned in procs:
         try:
-            _, stderr = proc.communicate(timeout=_WORKER_TIMEOUT_S)
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             died = f"the compile worker exited with {proc.returncode}" if proc.returncode else None
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, stderr = proc.communicate()
+            proc.wait()
             died = f"the compile worker ran past {_WORKER_TIMEOUT_S} s"
         lines = results_path.read_text().splitlines() if results_path.exists() else []
         for line in map(json.loads, lines):
@@ -474,12 +487,14 @@ def compile_for_sm90(launches: list[Launch], workdir: Path) -> tuple[str | None,
                     probe_errors.append(line["probe"])
             else:
                 results[line["id"]] = line["error"]
-        tail = stderr.decode(errors="replace")[-2000:]
+        tail = stderr_path.read_text(errors="replace")[-2000:]
         for job in assigned:
             if job["id"] not in results and not probe_errors:
                 results[job["id"]] = f"{died or 'the compile worker stopped'} before reporting this one:\n{tail}"
         if not lines:
-            pytest.fail(f"{died or 'the compile worker reported nothing'}:\n{tail}")
+            dead.append(f"{died or 'the compile worker reported nothing'}:\n{tail}")
+    if dead:
+        pytest.fail("\n\n".join(dead))
     if probe_errors:
         return probe_errors[0], {}
     return None, {launch.key: results[i] for i, launch in enumerate(launches)}
