@@ -48,6 +48,11 @@ from kernels import lowrank, swiglu
 from kernels.runtime import use_triton
 
 
+# Above this size a backward makes the frozen weights dense one projection at a time rather than
+# stacked (Llama-8B: q|k|v is 48 MiB and stays stacked, gate|up would be 224 MiB).
+STACKED_WEIGHT_BYTES = 64 * 2**20
+
+
 @dataclass(frozen=True, eq=False)
 class Projection:
     """The frozen half of a LoRA projection and its configuration."""
@@ -123,8 +128,18 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
     """Backward of lora_forward: dx, and dA, dB, db per projection. `stacked` is the grads
     side by side in one (M, sum N_i) tensor, if the caller already has it."""
     c = projections[0].compute_dtype
-    D = stacked if stacked is not None else grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-    dx = (D.to(c) @ _dense_weights(projections, x.device)).to(x.dtype)
+    rows = sum(p.out_features for p in projections)
+    if len(projections) > 1 and rows * projections[0].in_features * c.itemsize > STACKED_WEIGHT_BYTES:
+        # gate and up of an MLP: one dense weight at a time (half the peak), dx summed in x's
+        # dtype as eager autograd sums the two paths' gradients
+        dx = None
+        for p, grad in zip(projections, grads):
+            part = grad.to(c) @ p.weight(None)
+            dx = part if dx is None else dx.add_(part)
+        dx = dx.to(x.dtype)
+    else:
+        D = stacked if stacked is not None else grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+        dx = (D.to(c) @ _dense_weights(projections, x.device)).to(x.dtype)
     dAs, dBs, dbs = [], [], []
     for p, A, B, u, state, grad, bias_grad in zip(projections, As, Bs, us, states, grads, needs_bias_grad):
         dBs.append(lowrank.grad(grad, u, p.scaling).t().to(B.dtype))
@@ -216,9 +231,11 @@ class LoraMLPFunction(torch.autograd.Function):
         dh, (dA_d,), (dB_d,), (db_d,) = lora_backward(
             h, [_flat(dout)], [down], As[2:], Bs[2:], us[2:], ctx.states[2:], ctx.bias_grads[2:]
         )
+        del h  # (tokens, intermediate) each: freed as soon as they are used, to lower the peak
         deg = torch.empty_like(eg)  # [de | dg]: the stacked gradient of the gate/up GEMM
         de, dg = deg.split([gate.out_features, up.out_features], dim=1)
         silu_mul_backward(dh, e, g, de, dg)
+        del dh
         dx, dA_in, dB_in, db_in = lora_backward(
             x2, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2], stacked=deg
         )

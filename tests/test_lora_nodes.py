@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from models import tiny_4bit_causal_lm, tiny_causal_lm
 from numerics import assert_close_to_fp64
 
+import kernels.lora as lora_kernels
 from kernels.lora import lora_linears, lora_mlp
 from patterns.lora import projection
 
@@ -110,8 +111,11 @@ def test_qkv_node_matches_float64(base, r, dropout, bias, tmp_path):
     compare(f"qkv {base} r={r} p={dropout} bias={bias}", *results)
 
 
+@pytest.mark.parametrize("stack_limit", ["stacked", "one_at_a_time"])
 @pytest.mark.parametrize("base, r, dropout, bias", CASES)
-def test_mlp_node_matches_float64(base, r, dropout, bias, tmp_path):
+def test_mlp_node_matches_float64(base, r, dropout, bias, stack_limit, tmp_path, monkeypatch):
+    if stack_limit == "one_at_a_time":  # what 8B-sized gate/up weights take in backward
+        monkeypatch.setattr(lora_kernels, "STACKED_WEIGHT_BYTES", 0)
     model = model_for(base, tmp_path, r=r, lora_dropout=dropout, config=dict(mlp_bias=bias))
     mlp = layers_of(model).mlp
     layers = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
