@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import lowrank, swiglu
+from kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from kernels.runtime import use_triton
-
 
 # Above this size a backward makes the frozen weights dense one projection at a time rather than
 # stacked (Llama-8B: q|k|v is 48 MiB and stays stacked, gate|up would be 224 MiB).
@@ -160,29 +160,49 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _norm_forward(x2: torch.Tensor, norm_weight: torch.Tensor | None, eps: float):
+    """The node's input: x itself, or RMSNorm(x) and its r when the node starts with the norm."""
+    if norm_weight is None:
+        return x2, None
+    return rmsnorm_forward(x2, norm_weight, eps)
+
+
+def _norm_backward(ctx, dxn: torch.Tensor, x2: torch.Tensor, norm_weight, r, weight_index: int):
+    """dx through the norm prologue (identity without one) and the norm weight's gradient."""
+    if norm_weight is None:
+        return dxn, None
+    return rmsnorm_backward(dxn, x2, norm_weight, r, ctx.needs_input_grad[weight_index])
+
+
 class LoraLinearsFunction(torch.autograd.Function):
-    """Projections sharing one input: params are (A, B, bias) per projection."""
+    """Projections sharing one input, optionally RMSNorm(x) (HF's, in kernels/rmsnorm.py):
+    params are (A, B, bias) per projection. With the norm, x and r are saved, not RMSNorm(x):
+    backward recomputes it (one elementwise pass) and runs the norm's backward after dx."""
 
     @staticmethod
-    def forward(ctx, x, projections, *params):
+    def forward(ctx, x, norm_weight, norm_eps, projections, *params):
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         x2 = _flat(x)
-        outputs, us, states = lora_forward(x2, projections, As, Bs, biases)
-        ctx.save_for_backward(x2, *As, *Bs, *us)
-        ctx.projections, ctx.states, ctx.x_shape = projections, states, x.shape
+        xn, r = _norm_forward(x2, norm_weight, norm_eps)
+        outputs, us, states = lora_forward(xn, projections, As, Bs, biases)
+        ctx.save_for_backward(x2, norm_weight, r, *As, *Bs, *us)
+        ctx.projections, ctx.states, ctx.x_shape, ctx.eps = projections, states, x.shape, norm_eps
         ctx.bias_grads = [b is not None and b.requires_grad for b in biases]
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         n = len(ctx.projections)
-        x2, *rest = ctx.saved_tensors  # read once: checkpointing allows a single unpack
+        x2, norm_weight, r, *rest = ctx.saved_tensors  # read once: checkpointing allows a single unpack
         As, Bs, us = rest[:n], rest[n : 2 * n], rest[2 * n :]
-        dx, dAs, dBs, dbs = lora_backward(
-            x2, [_flat(g) for g in grads], ctx.projections, As, Bs, us, ctx.states, ctx.bias_grads
+        xn, _ = _norm_forward(x2, norm_weight, ctx.eps)
+        dxn, dAs, dBs, dbs = lora_backward(
+            xn, [_flat(g) for g in grads], ctx.projections, As, Bs, us, ctx.states, ctx.bias_grads
         )
+        del xn
+        dx, dw = _norm_backward(ctx, dxn, x2, norm_weight, r, 1)
         params = [grad for triple in zip(dAs, dBs, dbs) for grad in triple]
-        return (dx.view(ctx.x_shape), None, *params)
+        return (dx.view(ctx.x_shape), dw, None, None, *params)
 
 
 def silu_mul(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -207,14 +227,17 @@ class LoraMLPFunction(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)), each a LoRA projection; params: (A, B, bias) x 3."""
 
     @staticmethod
-    def forward(ctx, x, gate, up, down, *params):
+    def forward(ctx, x, norm_weight, norm_eps, gate, up, down, *params):
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         x2 = _flat(x)
-        (e, g), us_in, states_in = lora_forward(x2, [gate, up], As[:2], Bs[:2], biases[:2])
+        xn, r = _norm_forward(x2, norm_weight, norm_eps)
+        (e, g), us_in, states_in = lora_forward(xn, [gate, up], As[:2], Bs[:2], biases[:2])
+        del xn
         h = silu_mul(e, g)
         (out,), (u_down,), (state_down,) = lora_forward(h, [down], As[2:], Bs[2:], biases[2:])
         eg = e._base if e._base is not None else torch.cat([e, g], dim=1)  # [e | g], one buffer
-        ctx.save_for_backward(x2, eg, *As, *Bs, *us_in, u_down)
+        ctx.save_for_backward(x2, norm_weight, r, eg, *As, *Bs, *us_in, u_down)
+        ctx.eps = norm_eps
         ctx.projections = (gate, up, down)
         ctx.states = (*states_in, state_down)
         ctx.bias_grads = [b is not None and b.requires_grad for b in biases]
@@ -223,7 +246,7 @@ class LoraMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x2, eg, *rest = ctx.saved_tensors
+        x2, norm_weight, r, eg, *rest = ctx.saved_tensors
         As, Bs, us = rest[0:3], rest[3:6], rest[6:9]
         gate, up, down = ctx.projections
         e, g = eg.split([gate.out_features, up.out_features], dim=1)
@@ -236,18 +259,37 @@ class LoraMLPFunction(torch.autograd.Function):
         de, dg = deg.split([gate.out_features, up.out_features], dim=1)
         silu_mul_backward(dh, e, g, de, dg)
         del dh
-        dx, dA_in, dB_in, db_in = lora_backward(
-            x2, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2], stacked=deg
+        xn, _ = _norm_forward(x2, norm_weight, ctx.eps)
+        dxn, dA_in, dB_in, db_in = lora_backward(
+            xn, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2], stacked=deg
         )
+        del xn, deg, de, dg
+        dx, dw = _norm_backward(ctx, dxn, x2, norm_weight, r, 1)
         params = [grad for triple in zip((*dA_in, dA_d), (*dB_in, dB_d), (*db_in, db_d)) for grad in triple]
-        return (dx.view(ctx.x_shape), None, None, None, *params)
+        return (dx.view(ctx.x_shape), dw, None, None, None, None, *params)
 
 
-def lora_linears(x: torch.Tensor, projections: Sequence[Projection], *params: torch.Tensor | None):
-    """Outputs of the projections sharing x; params are (A, B, bias) per projection."""
-    return LoraLinearsFunction.apply(x, tuple(projections), *params)
+def lora_linears(
+    x: torch.Tensor,
+    projections: Sequence[Projection],
+    *params: torch.Tensor | None,
+    norm: tuple[torch.Tensor, float] | None = None,
+):
+    """Outputs of the projections sharing x; params are (A, B, bias) per projection. With
+    norm=(weight, eps) they read RMSNorm(x) instead (the norm is part of the node)."""
+    weight, eps = norm if norm is not None else (None, 0.0)
+    return LoraLinearsFunction.apply(x, weight, eps, tuple(projections), *params)
 
 
-def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, *params: torch.Tensor | None):
-    """down(silu(gate(x)) * up(x)) with LoRA on all three; params are (A, B, bias) x 3."""
-    return LoraMLPFunction.apply(x, gate, up, down, *params)
+def lora_mlp(
+    x: torch.Tensor,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+    *params: torch.Tensor | None,
+    norm: tuple[torch.Tensor, float] | None = None,
+):
+    """down(silu(gate(x)) * up(x)) with LoRA on all three; params are (A, B, bias) x 3. With
+    norm=(weight, eps) the MLP reads RMSNorm(x)."""
+    weight, eps = norm if norm is not None else (None, 0.0)
+    return LoraMLPFunction.apply(x, weight, eps, gate, up, down, *params)

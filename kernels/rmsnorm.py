@@ -83,6 +83,55 @@ def _launch_shape(n: int, device: torch.device) -> tuple[int, int, int]:
     return block, rows, min(16, max(1, rows * block // 512))
 
 
+def rmsnorm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and the per-row r of (rows, N) rows, no autograd: Triton where it can run, else PyTorch."""
+    rows, n = x2.shape
+    out_dtype = torch.promote_types(x2.dtype, weight.dtype)
+    if not use_triton(x2, weight):
+        x32 = x2.float()
+        r = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+        return (weight * (x32 * r[:, None]).to(x2.dtype)).to(out_dtype), r
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x2.device)
+    r = torch.empty(rows, dtype=torch.float32, device=x2.device)
+    block, per_program, warps = _launch_shape(n, x2.device)
+    if rows > 0:
+        _rmsnorm_forward[(triton.cdiv(rows, per_program),)](
+            x2, weight, y, r, x2.stride(0), y.stride(0), rows, n, eps,
+            ROWS=per_program, BLOCK_N=block, num_warps=warps,
+        )  # fmt: skip
+    return y, r
+
+
+def rmsnorm_backward(
+    dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, needs_dw: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dx (and dw when needed) from the saved x and r, no autograd (the docstring's formulas)."""
+    rows, n = x2.shape
+    if not use_triton(dy2, x2, weight):
+        xh = x2.float() * r[:, None]
+        g = dy2.float() * weight.float()
+        dx = r[:, None] * (g - xh * (g * xh).mean(-1, keepdim=True))
+        dw = (dy2.float() * xh).sum(0).to(weight.dtype) if needs_dw else None
+        return dx.to(x2.dtype), dw
+    if dy2.stride(-1) != 1:
+        dy2 = dy2.contiguous()
+    dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    block, per_program, warps = _launch_shape(n, x2.device)
+    programs = max(1, min(triton.cdiv(rows, per_program), num_programs_for_reduction(x2.device)))
+    partial = torch.empty((programs, n) if needs_dw else (1, 1), dtype=torch.float32, device=x2.device)
+    if rows > 0:
+        _rmsnorm_backward[(programs,)](
+            dy2, x2, weight, r, dx, partial, dy2.stride(0), x2.stride(0), dx.stride(0), rows, n,
+            ROWS=per_program, BLOCK_N=block, HAS_DW=needs_dw, num_warps=warps,
+        )  # fmt: skip
+    dw = None
+    if needs_dw:
+        dw = (partial.sum(0) if rows > 0 else torch.zeros(n, device=x2.device)).to(weight.dtype)
+    return dx, dw
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,15 +139,7 @@ class RMSNormFunction(torch.autograd.Function):
         x2 = x.reshape(-1, n)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        out_dtype = torch.promote_types(x.dtype, weight.dtype)
-        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-        r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        block, rows, warps = _launch_shape(n, x.device)
-        if x2.shape[0] > 0:
-            _rmsnorm_forward[(triton.cdiv(x2.shape[0], rows),)](
-                x2, weight, y, r, x2.stride(0), y.stride(0), x2.shape[0], n, eps,
-                ROWS=rows, BLOCK_N=block, num_warps=warps,
-            )  # fmt: skip
+        y, r = rmsnorm_forward(x2, weight, eps)
         ctx.save_for_backward(x2, weight, r)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], n)
@@ -106,23 +147,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, r = ctx.saved_tensors
-        rows, n = x2.shape
-        dy2 = dy.reshape(rows, n)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
-        has_dw = ctx.needs_input_grad[1]
-        block, per_program, warps = _launch_shape(n, x2.device)
-        programs = max(1, min(triton.cdiv(rows, per_program), num_programs_for_reduction(x2.device)))
-        partial = torch.empty((programs, n) if has_dw else (1, 1), dtype=torch.float32, device=x2.device)
-        if rows > 0:
-            _rmsnorm_backward[(programs,)](
-                dy2, x2, weight, r, dx, partial, dy2.stride(0), x2.stride(0), dx.stride(0), rows, n,
-                ROWS=per_program, BLOCK_N=block, HAS_DW=has_dw, num_warps=warps,
-            )  # fmt: skip
-        dw = None
-        if has_dw:
-            dw = (partial.sum(0) if rows > 0 else torch.zeros(n, device=x2.device)).to(weight.dtype)
+        dx, dw = rmsnorm_backward(dy.reshape(x2.shape), x2, weight, r, ctx.needs_input_grad[1])
         return dx.view(ctx.x_shape), dw, None
 
 

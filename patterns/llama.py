@@ -6,6 +6,8 @@ from rewriter.registry import register_architecture
 register_architecture(
     "llama",
     [
+        "rmsnorm_lora_mlp",
+        "rmsnorm_lora_qkv",
         "lora_mlp",
         "lora_qkv",
         "lora_o",

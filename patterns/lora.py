@@ -87,8 +87,16 @@ def lora_problem(module: torch.nn.Module) -> str | None:
 def _dequantizer(weight, compute: torch.dtype):
     """out <- the 4-bit weight, dense in the compute dtype (bitsandbytes' values, bit for bit)."""
 
+    built: dict[str, object] = {}
+
     def dense(out: torch.Tensor | None) -> torch.Tensor:
-        packed = Nf4Weight.from_param(weight)  # cheap: references, rebuilt in case the module moved
+        # Nf4Weight holds references only; rebuilt (and re-checked) when the module's weight or
+        # its quant_state is replaced, e.g. moved to another device. Holding the state keeps
+        # its identity from being reused.
+        state, ptr = weight.quant_state, weight.data_ptr()
+        if built.get("state") is not state or built.get("ptr") != ptr:
+            built.update(state=state, ptr=ptr, packed=Nf4Weight.from_param(weight))
+        packed = built["packed"]
         if packed.dtype == compute:
             return dequantize(packed, out)
         values = dequantize(packed).to(compute)
@@ -215,6 +223,73 @@ def bind_mlp(group: ModuleGroup) -> ModuleBinding | str:
     return ModuleBinding([x, *params], group.outputs, lora_swiglu_mlp)
 
 
+def _rmsnorm_problem(norm: torch.nn.Module) -> str | None:
+    """Why this module is not HF Llama's RMSNorm as kernels/rmsnorm.py computes it (the float64
+    check of each match is what proves it; this only refuses the known different ones)."""
+    cls = type(norm).__name__
+    if not cls.endswith("RMSNorm") or cls.startswith("Gemma"):
+        return f"{cls} is not a Llama-style RMSNorm"
+    if not isinstance(getattr(norm, "weight", None), torch.Tensor) or not hasattr(norm, "variance_epsilon"):
+        return f"{cls} has no weight or variance_epsilon"
+    return None
+
+
+def _with_norm(group: ModuleGroup) -> tuple[torch.fx.Node, float] | str:
+    norm = group.modules[0]
+    why = _rmsnorm_problem(norm)
+    if why:
+        return why
+    weight = group.node_for(norm.weight)
+    if weight is None:
+        return "the norm weight is not an input of the captured graph"
+    return weight, float(norm.variance_epsilon)
+
+
+def bind_norm_projections(group: ModuleGroup) -> ModuleBinding | str:
+    """RMSNorm, then the projections that read its output (q, k and v)."""
+    norm = _with_norm(group)
+    if isinstance(norm, str):
+        return norm
+    weight, eps = norm
+    fusable = _fusable(group, group.modules[1:])
+    if isinstance(fusable, str):
+        return fusable
+    x, projections, params = fusable
+    outputs = []
+    for path in group.paths[1:]:
+        out = group.outputs_of(path)
+        if len(out) != 1:
+            return f"{path} has {len(out)} outputs, expected one"
+        outputs += out
+    if len(outputs) != len(group.outputs):
+        return "the norm's output is used outside the projections"
+
+    def rmsnorm_lora_shared_input(x, norm_weight, *params):
+        return lora_linears(x, projections, *params, norm=(norm_weight, eps))
+
+    return ModuleBinding([x, weight, *params], outputs, rmsnorm_lora_shared_input)
+
+
+def bind_norm_mlp(group: ModuleGroup) -> ModuleBinding | str:
+    """RMSNorm, then the MLP that reads it."""
+    norm = _with_norm(group)
+    if isinstance(norm, str):
+        return norm
+    weight, eps = norm
+    mlp = group.modules[1]
+    fusable = _fusable(group, [mlp.gate_proj, mlp.up_proj, mlp.down_proj])
+    if isinstance(fusable, str):
+        return fusable
+    x, (gate, up, down), params = fusable
+    if len(group.outputs) != 1:
+        return "the norm's output is used outside the MLP"
+
+    def rmsnorm_lora_swiglu_mlp(x, norm_weight, *params):
+        return lora_mlp(x, gate, up, down, *params, norm=(norm_weight, eps))
+
+    return ModuleBinding([x, weight, *params], group.outputs, rmsnorm_lora_swiglu_mlp)
+
+
 # -- which modules form a group -----------------------------------------------------------------
 
 
@@ -244,6 +319,30 @@ def select_any(path: str, module: torch.nn.Module, modules: Mapping[str, torch.n
     return [path] if is_lora_layer(module) else None
 
 
+def _under(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def select_norm_qkv(path: str, module: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> list[str] | None:
+    """A decoder layer's input_layernorm with the q, k and v that read it."""
+    attn = getattr(module, "self_attn", None)
+    if getattr(module, "input_layernorm", None) is None or attn is None:
+        return None
+    qkv = select_qkv(_under(path, "self_attn"), attn, modules)
+    return [_under(path, "input_layernorm"), *qkv] if qkv else None
+
+
+def select_norm_mlp(path: str, module: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> list[str] | None:
+    """A decoder layer's post_attention_layernorm with the MLP that reads it."""
+    mlp = getattr(module, "mlp", None)
+    if getattr(module, "post_attention_layernorm", None) is None or mlp is None:
+        return None
+    inner = select_mlp(_under(path, "mlp"), mlp, modules)
+    return [_under(path, "post_attention_layernorm"), *inner] if inner else None
+
+
+RMSNORM_LORA_MLP = register_pattern(ModulePattern("rmsnorm_lora_mlp", select_norm_mlp, bind_norm_mlp))
+RMSNORM_LORA_QKV = register_pattern(ModulePattern("rmsnorm_lora_qkv", select_norm_qkv, bind_norm_projections))
 LORA_MLP = register_pattern(ModulePattern("lora_mlp", select_mlp, bind_mlp))
 LORA_QKV = register_pattern(ModulePattern("lora_qkv", select_qkv, bind_projections))
 LORA_O = register_pattern(ModulePattern("lora_o", select_o, bind_projections))

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from rewriter.match import Match, Pattern, PatternGraph, Wildcard
+from rewriter.match import Match, Pattern
 from rewriter.registry import register_pattern
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def hf_lm_head_causal_lm_loss(hidden_states, weight, labels):
+def hf_lm_head_causal_lm_loss(hidden_states, weight, labels, reduction: Literal["mean", "sum"] = "mean"):
     """LlamaForCausalLM.forward's `self.lm_head(hidden_states)` (nn.Linear, no bias) followed by
     transformers.loss.loss_utils.ForCausalLMLoss + fixed_cross_entropy, as transformers writes
     them. With num_items_in_batch HF's reduction is "sum" and the division by it follows the
-    match in the graph (it stays there: our op returns the sum, autograd scales by 1/N)."""
+    match in the graph (it stays there: our op returns the sum, autograd scales by 1/N). The
+    view's size binds as the wildcard "V" (weight's first dimension)."""
     logits = F.linear(hidden_states, weight, None)  # nn.Linear(bias=False) passes bias=None
     logits = logits.float()
     labels = F.pad(labels, (0, 1), value=-100)
@@ -26,23 +27,7 @@ def hf_lm_head_causal_lm_loss(hidden_states, weight, labels):
     logits = logits.view(-1, weight.shape[0])  # HF: view(-1, vocab_size)
     shift_labels = shift_labels.view(-1)
     shift_labels = shift_labels.to(logits.device)
-    return F.cross_entropy(logits, shift_labels, ignore_index=-100, reduction="mean")
-
-
-class _CausalLMLossPattern(Pattern):
-    """The matcher generalises constants that differ between its two numeric traces; the
-    reduction is a string ("mean", or "sum" when HF is given num_items_in_batch) and the
-    view's vocabulary size an anonymous wildcard, so both are named by hand here."""
-
-    @cached_property
-    def graph(self) -> PatternGraph:
-        pg = PatternGraph.build(self)
-        for node in pg.graph.nodes:
-            if node.target is F.cross_entropy:
-                node.kwargs = {**node.kwargs, "reduction": Wildcard("reduction")}
-            elif node.op == "call_method" and node.target == "view" and len(node.args) == 3:
-                node.args = (node.args[0], -1, Wildcard("vocab_size"))
-        return pg
+    return F.cross_entropy(logits, shift_labels, ignore_index=-100, reduction=reduction)
 
 
 def linear_cross_entropy_guard(m: Match) -> str | None:
@@ -51,8 +36,8 @@ def linear_cross_entropy_guard(m: Match) -> str | None:
         return f"reduction {m.captures['reduction']!r} is not supported"
     if x.dtype not in SUPPORTED_DTYPES or w.dtype != x.dtype:
         return f"unsupported dtypes {x.dtype} / {w.dtype}"
-    if w.dim() != 2 or x.shape[-1] != w.shape[1] or m.captures["vocab_size"] != w.shape[0]:
-        return f"weight {tuple(w.shape)} does not fit hidden size {x.shape[-1]} and vocab {m.captures['vocab_size']}"
+    if w.dim() != 2 or x.shape[-1] != w.shape[1] or m.captures["V"] != w.shape[0]:
+        return f"weight {tuple(w.shape)} does not fit hidden size {x.shape[-1]} and vocab {m.captures['V']}"
     if labels.dtype != torch.int64 or labels.shape != x.shape[:-1]:
         return f"labels {tuple(labels.shape)} {labels.dtype} do not fit hidden states {tuple(x.shape)}"
     if x.device.type not in ("cuda", "cpu") or w.device != x.device:
@@ -62,13 +47,13 @@ def linear_cross_entropy_guard(m: Match) -> str | None:
     return None
 
 
-def fused_linear_cross_entropy(hidden_states, weight, labels, *, reduction, vocab_size, device):
+def fused_linear_cross_entropy(hidden_states, weight, labels, *, reduction, V, device):
     shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden_states.device)  # HF's shift
     return linear_cross_entropy(hidden_states, weight, shift_labels, reduction=reduction)
 
 
 LINEAR_CROSS_ENTROPY = register_pattern(
-    _CausalLMLossPattern(
+    Pattern(
         name="linear_cross_entropy",
         search=hf_lm_head_causal_lm_loss,
         inputs={"hidden_states": ("B", "S", "H"), "weight": ("V", "H"), "labels": ("B", "S", torch.int64)},

@@ -41,8 +41,20 @@ def unique_entry(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
 
 def compile_with(fn: Callable[..., Any], backend: Backend, label: str) -> Callable[..., Any]:
     """Dynamo capture with our backend. Automatic dynamic shapes: the first call compiles a
-    static graph, a second distinct shape one dynamic graph that serves every later length."""
-    return torch.compile(unique_entry(fn, label), backend=backend, dynamic=None)
+    static graph, a second distinct shape one dynamic graph that serves every later length.
+
+    Under DistributedDataParallel, Dynamo would split the graph at DDP's gradient-bucket
+    boundaries (its "DDP optimizer", for compiled backward graphs) and hand us the pieces:
+    patterns across a boundary would not match, and small first buckets make it raise. Our
+    graph runs eagerly, so DDP's own per-parameter hooks already overlap the all-reduce with
+    backward: the split is turned off for our calls."""
+    compiled = torch.compile(unique_entry(fn, label), backend=backend, dynamic=None)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def trace(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[torch.fx.GraphModule, list[Any]]:

@@ -17,6 +17,7 @@ and constants encoded as attributes and searches far more than it must.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -95,7 +96,10 @@ class PatternGraph:
         if len(nodes0) != len(nodes1):
             raise ValueError(f"{pattern!r}: the two example traces differ in structure")
         scalars = _scalar_sentinels(pattern)
-        names: dict[tuple[Any, Any], str] = {}
+        # a constant that is a named dimension's size in both traces binds by that name
+        names: dict[tuple[Any, Any], str] = {
+            (s0, s1): d for (d, s0), s1 in zip(_dim_sizes(pattern, 0).items(), _dim_sizes(pattern, 1).values())
+        }
         index = {b: a for a, b in zip(nodes0, nodes1)}
         for a, b in zip(nodes0, nodes1):
             if a.op != b.op or a.target != b.target:
@@ -114,19 +118,34 @@ def _scalar_names(pattern: Pattern) -> list[str]:
 
 
 def _scalar_sentinels(pattern: Pattern) -> dict[str, tuple[Any, Any]]:
-    """Two unlikely values per scalar parameter, one for each trace."""
+    """Two values per scalar parameter, one for each trace: unlikely numbers, or the first two
+    choices of a `Literal[...]` annotation (a string option such as a loss's reduction)."""
     params = inspect.signature(pattern.search).parameters
+    hints = typing.get_type_hints(pattern.search)
     sentinels = {}
     for i, name in enumerate(_scalar_names(pattern)):
-        if isinstance(params[name].default, int) and not isinstance(params[name].default, bool):
+        choices = typing.get_args(hints.get(name)) if typing.get_origin(hints.get(name)) is typing.Literal else ()
+        if len(choices) >= 2:
+            sentinels[name] = (choices[0], choices[1])
+        elif isinstance(params[name].default, int) and not isinstance(params[name].default, bool):
             sentinels[name] = (1009 + 2 * i, 2003 + 2 * i)
         else:
             sentinels[name] = (1.2345679e-3 * (i + 1), 2.3456791e-3 * (i + 1))
     return sentinels
 
 
-def _trace_variant(pattern: Pattern, variant: int) -> tuple[torch.fx.Graph, list[Node], list[Node]]:
+def _dim_sizes(pattern: Pattern, variant: int) -> dict[str, int]:
+    """The size each named dimension takes in one trace (different in the two traces)."""
     dims: dict[str, int] = {}
+    for spec in pattern.inputs.values():
+        for d in spec:
+            if isinstance(d, str):
+                dims.setdefault(d, 6 + 4 * len(dims) + 2 * variant)
+    return dims
+
+
+def _trace_variant(pattern: Pattern, variant: int) -> tuple[torch.fx.Graph, list[Node], list[Node]]:
+    dims = _dim_sizes(pattern, variant)
     tensors = []
     for spec in pattern.inputs.values():
         dtype = spec[-1] if spec and isinstance(spec[-1], torch.dtype) else _FLOAT_VARIANTS[variant]
@@ -134,9 +153,7 @@ def _trace_variant(pattern: Pattern, variant: int) -> tuple[torch.fx.Graph, list
         for d in spec:
             if isinstance(d, torch.dtype):
                 continue
-            if isinstance(d, str):
-                d = dims.setdefault(d, 6 + 4 * len(dims) + 2 * variant)
-            shape.append(d)
+            shape.append(dims[d] if isinstance(d, str) else d)
         if dtype.is_floating_point:
             tensors.append(torch.randn(shape, dtype=dtype))
         else:

@@ -101,3 +101,9 @@ def tiny_4bit_causal_lm(
     config = dict(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
     config.update(lora_kwargs)
     return get_peft_model(model, LoraConfig(**config))
+
+
+def norms_covered(rep) -> int:
+    """RMSNorms replaced, alone or as the prologue of a fused LoRA node."""
+    counts = rep.counts()
+    return sum(counts.get(name, 0) for name in ("rmsnorm", "rmsnorm_lora_qkv", "rmsnorm_lora_mlp"))

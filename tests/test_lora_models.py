@@ -8,7 +8,7 @@ from test_optimize import assert_same_training
 from patterns.lora import lora_problem
 from rewriter import optimize, report
 
-LORA = ("lora_mlp", "lora_qkv", "lora_o", "lora_linear")
+LORA = ("rmsnorm_lora_mlp", "rmsnorm_lora_qkv", "lora_mlp", "lora_qkv", "lora_o", "lora_linear")
 
 
 def lora_layer_count(model):
@@ -19,8 +19,9 @@ def lora_layer_count(model):
 
 def assert_every_lora_layer_fused(rep, model):
     counts = rep.counts()
-    assert counts["lora_mlp"] == LAYERS and counts["lora_qkv"] == LAYERS and counts["lora_o"] == LAYERS
-    assert counts["lora_linear"] == 0
+    # q/k/v and the MLP are fused with the RMSNorm that feeds them
+    assert counts["rmsnorm_lora_mlp"] == LAYERS and counts["rmsnorm_lora_qkv"] == LAYERS and counts["lora_o"] == LAYERS
+    assert counts["lora_linear"] == counts["lora_mlp"] == counts["lora_qkv"] == 0
     assert 3 * LAYERS + 3 * LAYERS + LAYERS == lora_layer_count(model)
 
 
@@ -69,7 +70,7 @@ def test_partial_targets_use_the_single_projection_node():
     model = optimize(tiny_causal_lm("llama", target_modules=["q_proj", "v_proj", "up_proj"]))
     rep = report(model)
     assert rep.counts()["lora_linear"] == 3 * LAYERS
-    assert rep.counts()["lora_qkv"] == rep.counts()["lora_mlp"] == 0
+    assert all(rep.counts()[name] == 0 for name in LORA if name != "lora_linear")
     assert rep.verified, str(rep)
     assert_same_training(twin, model, torch.float32)
 

@@ -125,4 +125,4 @@ def test_pattern_wildcards():
 
     nodes = list(LINEAR_CROSS_ENTROPY.graph.graph.nodes)
     names = {a.name for n in nodes for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, Wildcard)}
-    assert names == {"reduction", "vocab_size", "device"}
+    assert names == {"reduction", "V", "device"}

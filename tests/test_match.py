@@ -150,3 +150,26 @@ def test_an_interior_value_returned_by_the_graph_is_dropped_only_when_allowed():
     total, dropped = rewrite(gm, matches)(x)
     assert dropped is None
     torch.testing.assert_close(total, x.exp().sum())
+
+
+def test_string_options_and_dimension_sizes_become_named_wildcards():
+    """A Literal-annotated scalar (the loss's reduction) and a constant that is an input's size
+    (the vocabulary in a view) bind by name, and the names carry the model's values."""
+
+    from patterns.loss import LINEAR_CROSS_ENTROPY, hf_lm_head_causal_lm_loss
+
+    nodes = list(LINEAR_CROSS_ENTROPY.graph.graph.nodes)
+    names = {a.name for n in nodes for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, Wildcard)}
+    assert {"reduction", "V"} <= names and not any(name.startswith("c") for name in names)
+
+    hidden, weight = torch.randn(2, 7, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (2, 7))
+    for reduction in ("mean", "sum"):
+
+        def model(h, w, y, reduction=reduction):
+            return hf_lm_head_causal_lm_loss(h, w, y, reduction)
+
+        gm = capture(model, hidden, weight, labels)
+        matches, _ = find_matches(gm.graph, [LINEAR_CROSS_ENTROPY], no_module)
+        assert len(matches) == 1
+        assert matches[0].captures["reduction"] == reduction and matches[0].captures["V"] == 50
