@@ -28,7 +28,9 @@ same x_d (PyTorch's own dropout, so the mask equals the one PEFT would draw).
 
 Several projections reading the same x (q, k and v) are one node: their weights are stacked so
 forward is one GEMM of N = sum of the N_i, backward's c(D) W one GEMM of K = sum of the N_i, and
-dx is accumulated once. The MLP (gate, up, SwiGLU, down) is one node that saves x, e = gate(x)
+dx is accumulated once; without dropout their rank-r products share launches too (x [A_q; A_k;
+A_v]^T, [g_q g_k g_v]^T x and dx += [g_q g_k g_v] [A_q; A_k; A_v], the same sums). The MLP
+(gate, up, SwiGLU, down) is one node that saves x, e = gate(x)
 and g = up(x) (plus the rank-r u's); h = silu(e) * g is recomputed in backward.
 
 Memory, per projection and token, against PEFT eager (bf16 x, fp32 adapters): eager keeps x
@@ -51,6 +53,9 @@ from kernels.runtime import use_triton
 # Above this size a backward makes the frozen weights dense one projection at a time rather than
 # stacked (Llama-8B: q|k|v is 48 MiB and stays stacked, gate|up would be 224 MiB).
 STACKED_WEIGHT_BYTES = 64 * 2**20
+# Up to this total rank, the projections of one node share their rank-r launches (q|k|v at r=16:
+# 48); host time per launch is what the 8B step was short of (benchmarks/RESULTS.md).
+MERGED_RANK = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,14 +108,32 @@ def _biases(projections: Sequence[Projection], biases, device: torch.device) -> 
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _merged_rank(projections: Sequence[Projection], As) -> bool:
+    """Whether the rank-r products of several projections sharing x run as one launch (their
+    factors side by side): without dropout (each projection would draw its own mask), with
+    one adapter dtype, and at most MERGED_RANK in all (the kernels keep a row of that width)."""
+    return (
+        len(projections) > 1
+        and all(p.dropout == 0 for p in projections)
+        and len({A.dtype for A in As}) == 1
+        and sum(A.shape[0] for A in As) <= MERGED_RANK
+    )
+
+
 def lora_forward(x: torch.Tensor, projections: Sequence[Projection], As, Bs, biases):
     """Forward of projections sharing x (M, K): outputs (column blocks of one buffer), the u's
     and the dropout states."""
     d = x.dtype
     c = projections[0].compute_dtype
     y = F.linear(x.to(c), _dense_weights(projections, x.device), _biases(projections, biases, x.device)).to(d)
+    blocks = y.split([p.out_features for p in projections], dim=1)
+    if _merged_rank(projections, As):  # one launch for every x A_i^T
+        us = list(lowrank.down(x, torch.cat(As)).split([A.shape[0] for A in As], dim=1))
+        for p, B, y_p, u in zip(projections, Bs, blocks, us):
+            lowrank.up_add_(y_p, u, B, p.scaling, round_first=p.quantized)
+        return list(blocks), us, [None] * len(projections)
     outputs, us, states = [], [], []
-    for p, A, B, y_p in zip(projections, As, Bs, y.split([p.out_features for p in projections], dim=1)):
+    for p, A, B, y_p in zip(projections, As, Bs, blocks):
         state = None
         if p.dropout > 0:
             state = _rng_state(x.device)
@@ -140,6 +163,13 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
     else:
         D = stacked if stacked is not None else grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
         dx = (D.to(c) @ _dense_weights(projections, x.device)).to(x.dtype)
+    if _merged_rank(projections, As):  # one launch each for every dA_i and every dx term
+        dBs = [lowrank.grad(grad, u, p.scaling).t().to(B.dtype) for p, B, u, grad in zip(projections, Bs, us, grads)]
+        G = torch.cat([lowrank.down(grad, B.t(), p.scaling) for p, B, grad in zip(projections, Bs, grads)], dim=1)
+        dAs = [d.to(A.dtype) for d, A in zip(lowrank.grad(x, G).split([A.shape[0] for A in As]), As)]
+        lowrank.up_add_(dx, G, torch.cat(As).t())
+        dbs = [grad.sum(0) if bias_grad else None for grad, bias_grad in zip(grads, needs_bias_grad)]
+        return dx, dAs, dBs, dbs
     dAs, dBs, dbs = [], [], []
     for p, A, B, u, state, grad, bias_grad in zip(projections, As, Bs, us, states, grads, needs_bias_grad):
         dBs.append(lowrank.grad(grad, u, p.scaling).t().to(B.dtype))

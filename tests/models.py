@@ -30,9 +30,9 @@ def tiny_config(model_type: str, **overrides):
     )
     common.update(overrides)
     if model_type == "llama":
-        return LlamaConfig(**common, rms_norm_eps=1e-5)
+        return LlamaConfig(**{"rms_norm_eps": 1e-5, **common})
     if model_type == "mistral":
-        return MistralConfig(**common, rms_norm_eps=1e-6, sliding_window=None, rope_theta=1e6)
+        return MistralConfig(**{"rms_norm_eps": 1e-6, "sliding_window": None, "rope_theta": 1e6, **common})
     raise ValueError(model_type)
 
 

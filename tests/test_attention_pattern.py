@@ -67,3 +67,15 @@ def test_without_a_mask_nothing_changes():
     model = optimize(tiny_causal_lm("llama"), patterns=["causal_attention"])
     assert report(model).counts().get("causal_attention", 0) == 0
     assert VOCAB > 0
+
+
+def test_a_sliding_window_that_bites_keeps_the_mask(hf_keeps_the_mask):
+    """Mistral with a window shorter than the sequence: the mask is not the causal triangle, so
+    the run-time check keeps the masked SDPA, and the model trains like its twin."""
+    config = dict(sliding_window=6)
+    twin = tiny_causal_lm("mistral", config=config)
+    model = optimize(tiny_causal_lm("mistral", config=config), sample=batch(0, length=19))
+    rep = report(model)
+    assert rep.counts()["causal_attention"] == LAYERS and rep.verified, str(rep)  # in place, keeping the mask
+    la, lb = train_losses(twin), train_losses(model)
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
