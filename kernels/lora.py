@@ -27,11 +27,14 @@ state before the forward's dropout is saved and replayed, so the backward rebuil
 same x_d (PyTorch's own dropout, so the mask equals the one PEFT would draw).
 
 Several projections reading the same x (q, k and v) are one node: their weights are stacked so
-forward is one GEMM of N = sum of the N_i, backward's c(D) W one GEMM of K = sum of the N_i, and
+forward is one GEMM of N = sum of the N_i, backward's c(D) W one GEMM of K = sum of the N_i
+(above STACKED_WEIGHT_BYTES, e.g. the 8B's gate|up, one dense weight at a time, summed), and
 dx is accumulated once; without dropout their rank-r products share launches too (x [A_q; A_k;
 A_v]^T, [g_q g_k g_v]^T x and dx += [g_q g_k g_v] [A_q; A_k; A_v], the same sums). The MLP
-(gate, up, SwiGLU, down) is one node that saves x, e = gate(x)
-and g = up(x) (plus the rank-r u's); h = silu(e) * g is recomputed in backward.
+(gate, up, SwiGLU, down) is one node that saves x, e = gate(x) and g = up(x) (plus the rank-r
+u's); h = silu(e) * g is recomputed in backward. Either node can start with HF's RMSNorm of x:
+it then saves x and the norm's r instead of the norm's output, recomputes that output in
+backward and runs the norm's backward (kernels/rmsnorm.py) on dx.
 
 Memory, per projection and token, against PEFT eager (bf16 x, fp32 adapters): eager keeps x
 (bf16) for the base matmul and a(x) (fp32, 2x the bytes) for lora_A, plus u; we keep x and u.
