@@ -7,17 +7,19 @@ the captured graph builds a (B, 1, S, S) mask and SDPA takes its masked path, wh
 2.6-3.1x slower than eager's on the 8B model (H200, 2026-11-29). This pattern hands SDPA
 is_causal=True instead, and only where that is the same function:
 
-- proven in the graph: the mask reads no input tensor (no padding mask, no positions passed in),
-  so it is a function of the shapes and size inputs alone;
-- checked at run time, once per shape: the mask allows exactly the causal triangle (a bool mask
-  True on and below the diagonal, or an additive one 0 there and -inf or the dtype's minimum
-  above it). Any other mask (a sliding window that now bites, a new shape) runs the original
-  masked SDPA.
+- a mask that reads no input tensor (no padding mask, no positions passed in) is a function of
+  the shapes and size inputs alone: it is checked once per shape;
+- a mask that reads an input (the attention_mask a data collator passes, all ones when nothing
+  is padded) is checked once per mask tensor: the decoder layers share one mask, so that is one
+  check (one host sync, as HF eager's own `padding_mask.all()`) per step;
+- the check: the mask allows exactly the causal triangle (a bool mask True on and below the
+  diagonal, or an additive one 0 there and -inf or the dtype's minimum above it). Any other
+  mask (padding, a sliding window that bites) runs the original masked SDPA.
 """
 
 from __future__ import annotations
 
-import functools
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -41,16 +43,27 @@ def is_causal_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
     return blocked_ok and bool((allowed == triangle).all())
 
 
-def causal_attention(q, k, v, mask, *sizes, dropout_p: float, scale: float | None, enable_gqa: bool, verdicts=None):
+def causal_attention(
+    q, k, v, mask, *sizes, dropout_p: float, scale: float | None, enable_gqa: bool, verdicts=None, last=None
+):
     """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, ...), with is_causal=True when
-    the mask is the causal one. `verdicts` caches that decision per shape and size inputs; only
-    a match passes one, where the graph proved the mask depends on nothing else."""
-    key = (tuple(mask.shape), mask.dtype, mask.device, tuple(q.shape), tuple(k.shape), sizes)
-    causal = verdicts.get(key) if verdicts is not None else None
+    the mask is the causal one. Only a match passes a cache: `verdicts` (per shape and size
+    inputs, where the graph proved the mask depends on nothing else) or `last` (the verdict on
+    the last mask tensor seen, shared by the layers that read the same mask node)."""
+    causal = None
+    if verdicts is not None:
+        key = (tuple(mask.shape), mask.dtype, mask.device, tuple(q.shape), tuple(k.shape), sizes)
+        causal = verdicts.get(key)
+    elif last is not None:
+        seen = last.get("mask")
+        if seen is not None and seen() is mask and last["key"] == (mask._version, q.shape[-2], k.shape[-2]):
+            causal = last["causal"]
     if causal is None:
         causal = is_causal_mask(mask, q.shape[-2], k.shape[-2])
         if verdicts is not None:
             verdicts[key] = causal
+        elif last is not None:
+            last.update(mask=weakref.ref(mask), key=(mask._version, q.shape[-2], k.shape[-2]), causal=causal)
     if causal:
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, scale=scale, is_causal=True, enable_gqa=enable_gqa
@@ -58,6 +71,15 @@ def causal_attention(q, k, v, mask, *sizes, dropout_p: float, scale: float | Non
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, is_causal=False, enable_gqa=enable_gqa
     )
+
+
+def _checked(cache: dict):
+    """causal_attention bound to one match's cache (a named function: graphs name nodes after it)."""
+
+    def causal_attention_checked(q, k, v, mask, *sizes, dropout_p, scale, enable_gqa):
+        return causal_attention(q, k, v, mask, *sizes, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, **cache)
+
+    return causal_attention_checked
 
 
 def _reads_size_only(node: Node) -> bool:
@@ -95,6 +117,7 @@ class CausalMaskPattern:
     source = __file__
 
     def candidates(self, ctx: GraphContext, claimed: set[Node]) -> Iterator[Candidate]:
+        shared: dict[Node, dict] = {}  # mask node -> the run-time verdict its readers share
         for node in ctx.graph.nodes:
             if node.op != "call_function" or node.target is not F.scaled_dot_product_attention or node in claimed:
                 continue
@@ -106,9 +129,14 @@ class CausalMaskPattern:
             if why:
                 yield Candidate(module, cls, reason=why)
                 continue
-            sizes = sorted(
-                (p for p in _ancestors(mask) if p.op == "placeholder"), key=ctx.order.__getitem__
-            )  # size inputs (SymInts) of a dynamic graph: part of the run-time verdict's key
+            ancestors = _ancestors(mask)
+            if any(p.op == "placeholder" and _is_tensor(p, ctx) for p in ancestors):
+                sizes, cache = [], {"last": shared.setdefault(mask, {})}  # one check per mask tensor
+            else:
+                sizes = sorted(
+                    (p for p in ancestors if p.op == "placeholder"), key=ctx.order.__getitem__
+                )  # size inputs (SymInts) of a dynamic graph: part of the per-shape key
+                cache = {"verdicts": {}}
             q, k, v = node.args[:3]
             kwargs = node.kwargs
             captures = {
@@ -123,7 +151,7 @@ class CausalMaskPattern:
                 nodes=[node],
                 captures=captures,
                 module=module,
-                replace=functools.partial(causal_attention, verdicts={}),
+                replace=_checked(cache),
             )
             yield Candidate(module, cls, match=match)
 
@@ -135,9 +163,6 @@ class CausalMaskPattern:
             return "SDPA already has is_causal=True"
         if node.kwargs.get("dropout_p", 0.0) != 0.0:
             return "attention dropout > 0: is_causal would draw a different dropout mask"
-        inputs = [p for p in _ancestors(mask) if p.op == "placeholder" and _is_tensor(p, ctx)]
-        if inputs:
-            return f"the attention mask reads the input {inputs[0].name} (padding or positions): it stays"
         return None
 
     def __repr__(self) -> str:

@@ -59,15 +59,16 @@ def batch(seed: int, length: int = 19, size: int = 2) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def train_losses(model, steps: int = 5, lr: float = 1e-3) -> list[float]:
-    """AdamW on fresh random batches of varying length; the loss of each step."""
+def train_losses(model, steps: int = 5, lr: float = 1e-3, batches=None) -> list[float]:
+    """AdamW on fresh random batches of varying length (or batches(step)); each step's loss."""
     model.train()
     torch.manual_seed(1234)  # the same dropout masks for a model and its twin
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
     for step in range(steps):
-        loss = model(**batch(100 + step, length=13 + 6 * step)).loss
+        b = batches(step) if batches is not None else batch(100 + step, length=13 + 6 * step)
+        loss = model(**b).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

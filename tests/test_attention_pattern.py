@@ -1,11 +1,14 @@
 """causal_attention: SDPA over a mask built from shapes alone runs with is_causal=True."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers.masking_utils as masking
 from models import LAYERS, VOCAB, batch, tiny_causal_lm, train_losses
 
+from patterns import attention
 from patterns.attention import causal_attention, is_causal_mask
 from rewriter import optimize, report
 
@@ -50,16 +53,39 @@ def test_a_materialised_causal_mask_becomes_is_causal_and_trains_like_the_twin(m
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
 
 
-def test_a_padding_mask_stays_with_the_reason(hf_keeps_the_mask):
-    model = optimize(tiny_causal_lm("llama"), patterns=["causal_attention"], sample=_padded(batch(0)))
-    rep = report(model)
-    assert rep.counts().get("causal_attention", 0) == 0
-    assert any("attention mask reads the input" in f.reason for f in rep.fallbacks), str(rep)
+def test_a_padding_mask_keeps_the_masked_attention_and_an_all_ones_one_becomes_causal(hf_keeps_the_mask, monkeypatch):
+    """A mask that reads the attention_mask input is checked at run time, once per mask tensor
+    (the layers share it): with padding SDPA keeps the mask, with nothing padded it runs
+    is_causal=True; both train like the twin."""
+    verdicts = []
+
+    def recording(mask, q_len, kv_len):
+        verdicts.append(is_causal_mask(mask, q_len, kv_len))
+        return verdicts[-1]
+
+    monkeypatch.setattr(attention, "is_causal_mask", recording)  # our node's, not traced by Dynamo
+    for padded in (True, False):
+        twin = tiny_causal_lm("llama")
+        model = optimize(tiny_causal_lm("llama"), sample=_masked_batch(0, padded))
+        rep = report(model)
+        assert rep.counts()["causal_attention"] == LAYERS and rep.verified, str(rep)
+        verdicts.clear()
+        model.train()
+        model(**_masked_batch(1, padded)).loss.backward()
+        model.zero_grad(set_to_none=True)
+        assert verdicts == [not padded]  # one check for all layers
+        la, lb = (train_losses(m, batches=functools.partial(_masked_batch, padded=padded)) for m in (twin, model))
+        assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb)), (la, lb)
 
 
-def _padded(b: dict) -> dict:
+def _masked_batch(step: int, padded: bool) -> dict:
+    return _with_mask(batch(step), padded)
+
+
+def _with_mask(b: dict, padded: bool) -> dict:
     mask = torch.ones_like(b["input_ids"])
-    mask[0, :3] = 0  # left padding
+    if padded:
+        mask[0, :3] = 0  # left padding
     return dict(b, attention_mask=mask)
 
 
