@@ -16,10 +16,6 @@ case "${1:-e2e}" in
     run e2e_2048 360 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 170 --profile "$out" --out "$out/e2e_2048.json"
     run e2e_16k 220 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --out "$out/e2e_16k.json"
     ;;
-  probe)  # the LoRA nodes and products, then 2048 x 2 with a profile of each variant
-    run lora 150 python3 benchmarks/bench_lora.py --out "$out/lora.json"
-    run e2e_2048 400 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 170 --profile "$out" --out "$out/e2e_2048.json"
-    ;;
   final)  # the LoRA products and nodes, 8B 2048 x 2 both modes, 16384 x 1, then the Mistral shape
     run lora 110 python3 benchmarks/bench_lora.py --out "$out/lora.json"
     run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 150 --profile "$out" --out "$out/e2e_2048.json"

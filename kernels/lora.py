@@ -200,11 +200,12 @@ def _norm_forward(x2: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     return rmsnorm_forward(x2, norm_weight, eps)
 
 
-def _norm_backward(ctx, dxn: torch.Tensor, x2: torch.Tensor, norm_weight, r, weight_index: int):
-    """dx through the norm prologue (identity without one) and the norm weight's gradient."""
+def _norm_backward(ctx, dxn: torch.Tensor, x2: torch.Tensor, norm_weight, r):
+    """dx through the norm prologue (identity without one) and the norm weight's gradient (the
+    weight is the node's second input)."""
     if norm_weight is None:
         return dxn, None
-    return rmsnorm_backward(dxn, x2, norm_weight, r, ctx.needs_input_grad[weight_index])
+    return rmsnorm_backward(dxn, x2, norm_weight, r, ctx.needs_input_grad[1])
 
 
 class LoraLinearsFunction(torch.autograd.Function):
@@ -233,7 +234,7 @@ class LoraLinearsFunction(torch.autograd.Function):
             xn, [_flat(g) for g in grads], ctx.projections, As, Bs, us, ctx.states, ctx.bias_grads
         )
         del xn
-        dx, dw = _norm_backward(ctx, dxn, x2, norm_weight, r, 1)
+        dx, dw = _norm_backward(ctx, dxn, x2, norm_weight, r)
         params = [grad for triple in zip(dAs, dBs, dbs) for grad in triple]
         return (dx.view(ctx.x_shape), dw, None, None, *params)
 
@@ -297,7 +298,7 @@ class LoraMLPFunction(torch.autograd.Function):
             xn, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2], stacked=deg
         )
         del xn, deg, de, dg
-        dx, dw = _norm_backward(ctx, dxn, x2, norm_weight, r, 1)
+        dx, dw = _norm_backward(ctx, dxn, x2, norm_weight, r)
         params = [grad for triple in zip((*dA_in, dA_d), (*dB_in, dB_d), (*db_in, db_d)) for grad in triple]
         return (dx.view(ctx.x_shape), dw, None, None, None, None, *params)
 

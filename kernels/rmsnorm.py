@@ -115,8 +115,7 @@ def rmsnorm_backward(
         dx = r[:, None] * (g - xh * (g * xh).mean(-1, keepdim=True))
         dw = (dy2.float() * xh).sum(0).to(weight.dtype) if needs_dw else None
         return dx.to(x2.dtype), dw
-    if dy2.stride(-1) != 1:
-        dy2 = dy2.contiguous()
+    dy2, x2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (dy2, x2))  # the kernel steps rows only
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     block, per_program, warps = _launch_shape(n, x2.device)
     programs = max(1, min(triton.cdiv(rows, per_program), num_programs_for_reduction(x2.device)))
@@ -137,8 +136,6 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         n = x.shape[-1]
         x2 = x.reshape(-1, n)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
         y, r = rmsnorm_forward(x2, weight, eps)
         ctx.save_for_backward(x2, weight, r)
         ctx.x_shape = x.shape

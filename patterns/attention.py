@@ -38,7 +38,7 @@ def is_causal_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
         allowed, blocked_ok = mask, True
     else:
         allowed = mask == 0
-        blocked_ok = bool(((mask == 0) | (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)).all())
+        blocked_ok = bool((allowed | (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)).all())
     triangle = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
     return blocked_ok and bool((allowed == triangle).all())
 

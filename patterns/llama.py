@@ -3,19 +3,17 @@
 from patterns import activations, attention, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
 from rewriter.registry import register_architecture
 
-register_architecture(
-    "llama",
-    [
-        "rmsnorm_lora_mlp",
-        "rmsnorm_lora_qkv",
-        "lora_mlp",
-        "lora_qkv",
-        "lora_o",
-        "lora_linear",
-        "rmsnorm",
-        "rope",
-        "swiglu",
-        "causal_attention",
-        "linear_cross_entropy",
-    ],
-)
+PATTERNS = [
+    "rmsnorm_lora_mlp",
+    "rmsnorm_lora_qkv",
+    "lora_mlp",
+    "lora_qkv",
+    "lora_o",
+    "lora_linear",
+    "rmsnorm",
+    "rope",
+    "swiglu",
+    "causal_attention",
+    "linear_cross_entropy",
+]
+register_architecture("llama", PATTERNS)

@@ -181,48 +181,6 @@ def _fusable(group: ModuleGroup, layers: list[torch.nn.Module]):
     return x, projections, params
 
 
-def bind_projections(group: ModuleGroup) -> ModuleBinding | str:
-    """Projections sharing one input (one LoRA layer, or q, k and v)."""
-    fusable = _fusable(group, group.modules)
-    if isinstance(fusable, str):
-        return fusable
-    x, projections, params = fusable
-    outputs = []
-    for path in group.paths:
-        out = group.outputs_of(path)
-        if len(out) != 1:
-            return f"{path} has {len(out)} outputs, expected one"
-        outputs += out
-    if len(outputs) != len(group.outputs):
-        return "a value other than the projections' outputs leaves the group"
-    if len(projections) == 1:
-
-        def lora_linear(x, *params):
-            return lora_linears(x, projections, *params)[0]
-
-        return ModuleBinding([x, *params], outputs, lora_linear)
-
-    def lora_shared_input(x, *params):
-        return lora_linears(x, projections, *params)
-
-    return ModuleBinding([x, *params], outputs, lora_shared_input)
-
-
-def bind_mlp(group: ModuleGroup) -> ModuleBinding | str:
-    (mlp,) = group.modules
-    fusable = _fusable(group, [mlp.gate_proj, mlp.up_proj, mlp.down_proj])
-    if isinstance(fusable, str):
-        return fusable
-    x, (gate, up, down), params = fusable
-    if len(group.outputs) != 1:
-        return f"the MLP has {len(group.outputs)} outputs, expected one"
-
-    def lora_swiglu_mlp(x, *params):
-        return lora_mlp(x, gate, up, down, *params)
-
-    return ModuleBinding([x, *params], group.outputs, lora_swiglu_mlp)
-
-
 def _rmsnorm_problem(norm: torch.nn.Module) -> str | None:
     """Why this module is not HF Llama's RMSNorm as kernels/rmsnorm.py computes it (the float64
     check of each match is what proves it; this only refuses the known different ones)."""
@@ -234,7 +192,11 @@ def _rmsnorm_problem(norm: torch.nn.Module) -> str | None:
     return None
 
 
-def _with_norm(group: ModuleGroup) -> tuple[torch.fx.Node, float] | str:
+def _prologue(group: ModuleGroup, with_norm: bool):
+    """(the norm weight's node or None, its eps, the LoRA modules and their paths): with_norm,
+    the group's first module is the RMSNorm whose output the rest reads."""
+    if not with_norm:
+        return None, 0.0, group.modules, group.paths
     norm = group.modules[0]
     why = _rmsnorm_problem(norm)
     if why:
@@ -242,52 +204,65 @@ def _with_norm(group: ModuleGroup) -> tuple[torch.fx.Node, float] | str:
     weight = group.node_for(norm.weight)
     if weight is None:
         return "the norm weight is not an input of the captured graph"
-    return weight, float(norm.variance_epsilon)
+    return weight, float(norm.variance_epsilon), group.modules[1:], group.paths[1:]
 
 
-def bind_norm_projections(group: ModuleGroup) -> ModuleBinding | str:
-    """RMSNorm, then the projections that read its output (q, k and v)."""
-    norm = _with_norm(group)
-    if isinstance(norm, str):
-        return norm
-    weight, eps = norm
-    fusable = _fusable(group, group.modules[1:])
+def _norm_arg(weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, float] | None:
+    return None if weight is None else (weight, eps)
+
+
+def bind_projections(group: ModuleGroup, with_norm: bool = False) -> ModuleBinding | str:
+    """Projections sharing one input (one LoRA layer, or q, k and v), optionally after the
+    RMSNorm that feeds them."""
+    prologue = _prologue(group, with_norm)
+    if isinstance(prologue, str):
+        return prologue
+    weight, eps, layers, paths = prologue
+    fusable = _fusable(group, layers)
     if isinstance(fusable, str):
         return fusable
     x, projections, params = fusable
     outputs = []
-    for path in group.paths[1:]:
+    for path in paths:
         out = group.outputs_of(path)
         if len(out) != 1:
             return f"{path} has {len(out)} outputs, expected one"
         outputs += out
     if len(outputs) != len(group.outputs):
-        return "the norm's output is used outside the projections"
+        return "a value other than the projections' outputs leaves the group (the norm's output?)"
 
-    def rmsnorm_lora_shared_input(x, norm_weight, *params):
-        return lora_linears(x, projections, *params, norm=(norm_weight, eps))
+    def lora_shared_input(x, norm_weight, *params):
+        out = lora_linears(x, projections, *params, norm=_norm_arg(norm_weight, eps))
+        return out[0] if len(projections) == 1 else out
 
-    return ModuleBinding([x, weight, *params], outputs, rmsnorm_lora_shared_input)
+    return ModuleBinding([x, weight, *params], outputs, lora_shared_input)
 
 
-def bind_norm_mlp(group: ModuleGroup) -> ModuleBinding | str:
-    """RMSNorm, then the MLP that reads it."""
-    norm = _with_norm(group)
-    if isinstance(norm, str):
-        return norm
-    weight, eps = norm
-    mlp = group.modules[1]
+def bind_mlp(group: ModuleGroup, with_norm: bool = False) -> ModuleBinding | str:
+    """gate, up, SwiGLU and down with LoRA, optionally after the RMSNorm that feeds them."""
+    prologue = _prologue(group, with_norm)
+    if isinstance(prologue, str):
+        return prologue
+    weight, eps, (mlp,), _ = prologue
     fusable = _fusable(group, [mlp.gate_proj, mlp.up_proj, mlp.down_proj])
     if isinstance(fusable, str):
         return fusable
     x, (gate, up, down), params = fusable
     if len(group.outputs) != 1:
-        return "the norm's output is used outside the MLP"
+        return f"the group has {len(group.outputs)} outputs, expected the MLP's one"
 
-    def rmsnorm_lora_swiglu_mlp(x, norm_weight, *params):
-        return lora_mlp(x, gate, up, down, *params, norm=(norm_weight, eps))
+    def lora_swiglu_mlp(x, norm_weight, *params):
+        return lora_mlp(x, gate, up, down, *params, norm=_norm_arg(norm_weight, eps))
 
-    return ModuleBinding([x, weight, *params], group.outputs, rmsnorm_lora_swiglu_mlp)
+    return ModuleBinding([x, weight, *params], group.outputs, lora_swiglu_mlp)
+
+
+def bind_norm_projections(group: ModuleGroup) -> ModuleBinding | str:
+    return bind_projections(group, with_norm=True)
+
+
+def bind_norm_mlp(group: ModuleGroup) -> ModuleBinding | str:
+    return bind_mlp(group, with_norm=True)
 
 
 # -- which modules form a group -----------------------------------------------------------------

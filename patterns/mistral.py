@@ -1,21 +1,6 @@
-"""Mistral (`model_type="mistral"`): the same decoder layer as Llama."""
+"""Mistral (`model_type="mistral"`): the same decoder layer as Llama, so the same patterns."""
 
-from patterns import activations, attention, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
+from patterns.llama import PATTERNS
 from rewriter.registry import register_architecture
 
-register_architecture(
-    "mistral",
-    [
-        "rmsnorm_lora_mlp",
-        "rmsnorm_lora_qkv",
-        "lora_mlp",
-        "lora_qkv",
-        "lora_o",
-        "lora_linear",
-        "rmsnorm",
-        "rope",
-        "swiglu",
-        "causal_attention",
-        "linear_cross_entropy",
-    ],
-)
+register_architecture("mistral", PATTERNS)

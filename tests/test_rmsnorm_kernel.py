@@ -66,3 +66,16 @@ def test_empty_batch():
     y = rmsnorm(x, w, 1e-6)
     y.sum().backward()
     assert y.shape == (0, 64) and torch.equal(w.grad, torch.zeros(64))
+
+
+def test_rows_whose_elements_are_not_adjacent_in_memory():
+    """A transposed view (last stride != 1), forward and both gradients, against float64."""
+    eps = 1e-5
+    x = torch.randn(96, 37, dtype=torch.bfloat16).t()  # (37, 96), strides (1, 37)
+    w = (1 + 0.3 * torch.randn(96)).to(torch.bfloat16)
+    dy = torch.randn(37, 96, dtype=torch.float64).to(torch.bfloat16)
+    ours = grads(lambda a, b: RMSNormFunction.apply(a, b, eps), x, w, dy)
+    eager = grads(lambda a, b: rmsnorm_reference(a, b, eps), x, w, dy)
+    ref = grads(lambda a, b: rmsnorm_fp64(a, b, eps), x.double(), w.double(), dy.double())
+    for name, o, e, r in zip(("y", "dx", "dw"), ours, eager, ref):
+        assert_close_to_fp64(f"transposed {name}", o, e, r)
