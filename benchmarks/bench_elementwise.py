@@ -36,6 +36,7 @@ host runs ahead of the GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -297,10 +298,52 @@ def table(rows: list[dict], hbm: float, key: str, title: str) -> str:
     return "\n".join(lines)
 
 
+# Launch sizes tried by --sweep (module, constant, values): fwd+bwd GPU time of ours under each,
+# to choose the defaults on the card rather than guess them.
+SWEEP = {
+    "rmsnorm": [("kernels.rmsnorm", "ELEMENTS_PER_PROGRAM", (2048, 4096, 8192, 16384, 32768))],
+    "rope": [
+        ("kernels.rope", "TILE_FORWARD", (1024, 2048, 4096, 8192)),
+        ("kernels.rope", "TILE_BACKWARD", (1024, 2048, 4096, 8192)),
+    ],
+}
+
+
+def sweep(shape: dict, device: torch.device) -> list[dict]:
+    import importlib
+
+    rows = []
+    for case in make_cases(shape, device, {}):
+        for module_name, constant, values in SWEEP.get(case.op, ()):
+            module = importlib.import_module(module_name)
+            default = getattr(module, constant)
+            cotangents = grad_outputs(case)
+            for value in values:
+                setattr(module, constant, value)
+                row = dict(op=case.op, tokens=case.tokens, constant=constant, value=value, default=default)
+                for mode in ("fwd", "fwd+bwd"):
+                    inputs = case.fresh()
+                    fn = case.fns["ours"]
+                    if mode == "fwd":
+                        call = functools.partial(fn, **inputs)
+                    else:
+                        call = functools.partial(forward_backward, case, fn, inputs, cotangents)
+                    row[mode] = graph_ms(call, device)
+                print(
+                    f"  sweep {case.op:<8} {case.tokens:>6} {constant}={value:<6} fwd {row['fwd'] * 1e3:7.1f} us"
+                    f"  fwd+bwd {row['fwd+bwd'] * 1e3:7.1f} us" + ("  (default)" if value == default else ""),
+                    flush=True,
+                )
+                rows.append(row)
+            setattr(module, constant, default)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--sweep", action="store_true", help="also time ours under the launch sizes in SWEEP")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shape = SMOKE if args.smoke else LLAMA_8B
@@ -313,6 +356,7 @@ def main() -> None:
     rows = []
     for case in make_cases(shape, device, liger):
         rows += run_case(case, device)
+    swept = sweep(shape, device) if args.sweep and device.type == "cuda" else []
     print(f"checked and timed in {time.perf_counter() - start:.0f} s\n")
     print(
         table(rows, hbm, "ms", "Wall time per call (do_bench median, L2 flushed; includes the host's launch overhead)")
@@ -322,7 +366,7 @@ def main() -> None:
         print("\n" + table(rows, hbm, "gpu_ms", title))
     if args.out:
         meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, liger=liger_status)
-        args.out.write_text(json.dumps(dict(meta, copy_GBps=hbm, shape=shape, results=rows), indent=2))
+        args.out.write_text(json.dumps(dict(meta, copy_GBps=hbm, shape=shape, results=rows, sweep=swept), indent=2))
 
 
 if __name__ == "__main__":

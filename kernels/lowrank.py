@@ -26,8 +26,9 @@ fp32 Y (fp32 models) uses exact fp32 dots.
     grad(X, U, s)       = s U^T X            X (M, K), U (M, R) fp32      -> (R, K) fp32
 
 Traffic: down and grad read X once (M K b bytes) plus the small factors; up_add reads and writes
-Y (2 M N b). grad reduces over M: a grid split along M writes fp32 partials that are summed in
-a second, deterministic stage.
+Y (2 M N b). Both down (over K) and grad (over M) split their reduction across programs until
+the grid fills the GPU: each split writes fp32 partials that are summed in a second,
+deterministic stage.
 """
 
 from __future__ import annotations
@@ -78,20 +79,24 @@ def _dot_fp32(a, b, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, SCALE: tl.co
 
 @triton.jit
 def _down_kernel(
-    X, P, OUT, M, K, R, scale,
-    sxm, sxk, spr, spk, som, sor,
+    X, P, OUT, M, K, R, scale, k_per_split,
+    sxm, sxk, spr, spk, sos, som, sor,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    """One (BM, R) block of the rows over one split of the reduction: OUT[split] (fp32)."""
+    pid, split = tl.program_id(0), tl.program_id(1)
     rm = tl.cast(pid, tl.int64) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    start = split * k_per_split
+    end = tl.minimum(K, start + k_per_split)
+    for k0 in range(start, end, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        p = tl.load(P + rr[None, :] * spr + rk[:, None] * spk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+        x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < end), other=0.0)
+        p = tl.load(P + rr[None, :] * spr + rk[:, None] * spk, mask=(rr[None, :] < R) & (rk[:, None] < end), other=0.0)
         acc += _dot_fp32(x, p.to(tl.float32), SPLIT, False, 256.0)  # one block per dot, summed in fp32
-    tl.store(OUT + rm[:, None] * som + rr[None, :] * sor, acc * scale, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    out = OUT + split * sos + rm[:, None] * som + rr[None, :] * sor
+    tl.store(out, acc * scale, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
 @triton.jit
@@ -162,13 +167,21 @@ def down(x: torch.Tensor, p: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     r = p.shape[0]
     if not use_triton(x, p):
         return (x.float() @ p.float().t()) * scale
-    out = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    bm = 64 if triton.cdiv(m, 64) >= num_programs_for_reduction(x.device) // 4 else 32  # fill the SMs
-    _down_kernel[(triton.cdiv(m, bm),)](
-        x, p, out, m, k, r, scale, *x.stride(), *p.stride(), *out.stride(),
-        BM=bm, BK=64, BR=_block_r(r), SPLIT=x.dtype == torch.bfloat16,
+    if m == 0 or k == 0:
+        return torch.zeros((m, r), dtype=torch.float32, device=x.device)
+    bm, bk = 64, 64
+    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    # split the reduction until the grid fills the GPU (4096 rows are only 64 row blocks);
+    # the splits' fp32 partials are summed in a second, deterministic pass
+    splits = max(1, min(k_blocks, num_programs_for_reduction(x.device) // max(m_blocks, 1)))
+    k_per_split = triton.cdiv(k_blocks, splits) * bk
+    splits = max(1, triton.cdiv(k, k_per_split))
+    out = torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
+    _down_kernel[(m_blocks, splits)](
+        x, p, out, m, k, r, scale, k_per_split, *x.stride(), *p.stride(), *out.stride(),
+        BM=bm, BK=bk, BR=_block_r(r), SPLIT=x.dtype == torch.bfloat16,
     )  # fmt: skip
-    return out
+    return out[0] if splits == 1 else out.sum(0)
 
 
 def up_add_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float = 1.0, round_first: bool = False):

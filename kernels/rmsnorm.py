@@ -74,11 +74,15 @@ def _rmsnorm_backward(
         tl.store(DW_PARTIAL + pid * N + cols, dw, mask=cols < N)
 
 
+# Elements of x a program holds on a GPU (whole rows, up to 64 of them); the interpreter runs
+# every program as a Python loop, so it takes more.
+ELEMENTS_PER_PROGRAM = 8192
+
+
 def _launch_shape(n: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, rows per program, warps): about 8K elements per program on a GPU, more on the
-    interpreter, where every program is a Python loop."""
+    """(BLOCK_N, rows per program, warps)."""
     block = triton.next_power_of_2(n)
-    budget = 8192 if device.type == "cuda" else 65536
+    budget = ELEMENTS_PER_PROGRAM if device.type == "cuda" else 65536
     rows = max(1, min(64, budget // block))
     return block, rows, min(16, max(1, rows * block // 512))
 
@@ -118,7 +122,9 @@ def rmsnorm_backward(
     dy2, x2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (dy2, x2))  # the kernel steps rows only
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     block, per_program, warps = _launch_shape(n, x2.device)
-    programs = max(1, min(triton.cdiv(rows, per_program), num_programs_for_reduction(x2.device)))
+    programs = max(1, triton.cdiv(rows, per_program))
+    if needs_dw:  # a few programs per SM loop over the rows, each summing its dw partial
+        programs = min(programs, num_programs_for_reduction(x2.device))
     partial = torch.empty((programs, n) if needs_dw else (1, 1), dtype=torch.float32, device=x2.device)
     if rows > 0:
         _rmsnorm_backward[(programs,)](
