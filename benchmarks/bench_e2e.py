@@ -3,7 +3,9 @@
 The "8B QLoRA" workload of ../shared/reference.md section 1: random weights (seed 0) quantized
 to NF4 with double quantization and bf16 compute, PEFT LoRA r=16, alpha=16, dropout 0 on
 q,k,v,o,gate,up,down, AdamW lr 1e-4, random token batches (ids 3..vocab-1, labels = ids).
-Median step time over steps 3..8; peak = torch.cuda.max_memory_allocated over the steps.
+Median step time over steps 3..8; peak = torch.cuda.max_memory_allocated over the steps; host
+ms = the median time for the host to issue a step (forward, backward, optimizer) before it waits
+for the loss: near the step time when the host, not the GPU, is the limit.
 Each variant runs in its own process (a driver spawns workers), so peaks do not mix.
 
     python benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 \
@@ -149,13 +151,14 @@ def worker(spec: dict) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
+    losses, times, hosts = [], [], []
     for step, batch in enumerate(data):
         t0 = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        hosts.append(time.perf_counter() - t0)  # the host's part: near the step time when host-bound
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - t0)
         print(f"  step {step} loss {losses[-1]:.4f} {times[-1]:.3f}s", file=sys.stderr, flush=True)
@@ -172,6 +175,7 @@ def worker(spec: dict) -> dict:
     result.update(
         losses=losses,
         step_s=statistics.median(steady),
+        host_s=statistics.median(hosts[3:] if len(hosts) > 3 else hosts),
         first_step_s=times[0],
         tokens_per_s=tokens / statistics.median(steady),
         peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else float("nan"),
@@ -227,7 +231,7 @@ def run_variant(spec: dict, timeout: float) -> dict:
 def table(results: list[dict]) -> str:
     rows = [
         f"{'shape':<10} {'seq x b':>9} {'variant':<8} {'ckpt':<4} {'tok/s':>8} {'ratio':>6} {'peak GiB':>8} "
-        f"{'MFU':>5} {'loss0':>8} {'dloss max':>9}"
+        f"{'MFU':>5} {'host ms':>7} {'loss0':>8} {'dloss max':>9}"
     ]
     for r in results:
         key = (r["shape"], r["seq"], r["batch"], r["checkpointing"])
@@ -243,6 +247,7 @@ def table(results: list[dict]) -> str:
         dloss = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"])) if base else math.nan
         rows.append(
             f"{head} {r['tokens_per_s']:>8.0f} {ratio:>6.2f} {r['peak_gib']:>8.2f} {r['mfu']:>5.2f} "
+            f"{r.get('host_s', math.nan) * 1e3:>7.0f} "
             f"{r['losses'][0]:>8.4f} {dloss:>9.1e}"
         )
     return "\n".join(rows)
