@@ -49,6 +49,50 @@ def rel(a: dict, b: dict) -> tuple[float, str]:
     return (num / den) ** 0.5 if den else num**0.5, worst_name
 
 
+def by_group(a: dict, b: dict) -> str:
+    """Relative gradient differences per projection and per quarter of the layers."""
+    import re
+
+    groups: dict[str, list[float]] = {}
+    layers = 1 + max((int(m.group(1)) for n in a if (m := re.search(r"layers\.(\d+)\.", n))), default=0)
+    for name, x in a.items():
+        m = re.search(r"layers\.(\d+)\..*?(q|k|v|o|gate|up|down)_proj\.lora_(A|B)", name)
+        if not m:
+            continue
+        key = f"{m.group(2)}.{m.group(3)} L{4 * int(m.group(1)) // layers}"
+        y = b.get(name, torch.zeros_like(x))
+        acc = groups.setdefault(key, [0.0, 0.0])
+        acc[0] += (x - y).norm().item() ** 2
+        acc[1] += x.norm().item() ** 2
+    return " ".join(f"{k}:{(d / n) ** 0.5 if n else d**0.5:.1e}|{n**0.5:.1e}" for k, (d, n) in sorted(groups.items()))
+
+
+def sdpa_check(device: str) -> None:
+    """SDPA at the 8B attention shape: a materialised causal bool mask against is_causal=True,
+    each against float64, forward and every input gradient (GQA by enable_gqa)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    B, H, KV, S, D = 2, 32, 8, 2048, 128
+    q, k, v = (torch.randn(B, h, S, D, device=device, generator=gen) for h in (H, KV, KV))
+    dy = torch.randn(B, H, S, D, device=device, generator=gen)
+    mask = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None, None].expand(B, 1, S, S)
+    results = {}
+    for name, dtype, kwargs in (
+        ("fp64", torch.float64, dict(is_causal=True)),
+        ("causal", torch.bfloat16, dict(is_causal=True)),
+        ("masked", torch.bfloat16, dict(attn_mask=mask)),
+        ("masked fp64", torch.float64, dict(attn_mask=mask)),
+    ):
+        ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*ins, enable_gqa=True, **kwargs)
+        out.backward(dy.to(dtype))
+        results[name] = [out.detach().double()] + [t.grad.double() for t in ins]
+    for name in ("causal", "masked", "masked fp64"):
+        errs = [((x - r).norm() / r.norm()).item() for x, r in zip(results[name], results["fp64"])]
+        print(f"sdpa {name:<12} rel err vs fp64: out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}")
+
+
 def state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
@@ -58,6 +102,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--sets", default="none,each,all")
+    parser.add_argument("--sdpa", action="store_true", help="first, SDPA masked vs is_causal against float64")
     args = parser.parse_args()
     from peft import LoraConfig, get_peft_model
 
@@ -65,6 +110,8 @@ def main() -> None:
     from rewriter.optimize import _SESSIONS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.sdpa:
+        sdpa_check(device)
     shape = dict(SHAPES["llama8b"], num_hidden_layers=args.layers)
     batch = next(batches(shape, args.seq, 2, 1, device))
     names = [p.name for p in registry.patterns_for("llama")]
@@ -100,6 +147,9 @@ def main() -> None:
             f"loss {before[0]:.5f} -> {rewritten[0]:.5f}; state changed: {changed[:3] or 'none'}",
             flush=True,
         )
+        print(f"  groups rewritten vs original: {by_group(before[1], rewritten[1])}", flush=True)
+        print(f"  groups original vs itself:    {by_group(before[1], again[1])}", flush=True)
+        print(str(rep), file=sys.stderr, flush=True)
         del model, session, snapshot
         torch.cuda.empty_cache() if device == "cuda" else None
 

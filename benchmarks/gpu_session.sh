@@ -23,9 +23,7 @@ case "${1:-e2e}" in
     run e2e_mistral 170 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 110 --out "$out/e2e_mistral.json"
     ;;
   diagnose)  # the whole-model check's failure on the 8B shape, then issue 3's and issue 5's benches
-    run diagnose 200 python3 benchmarks/diagnose_verify.py --layers 4 --sets none,all,each
-    run elementwise 170 python3 benchmarks/bench_elementwise.py --sweep --out "$out/elementwise.json"
-    run loss 200 python3 benchmarks/bench_loss.py --out "$out/loss.json"
+    run diagnose 330 python3 benchmarks/diagnose_verify.py --sdpa --layers 32 --sets all,none
     ;;
   kernels)
     run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"
