@@ -51,10 +51,39 @@ def compile_with(fn: Callable[..., Any], backend: Backend, label: str) -> Callab
     compiled = torch.compile(unique_entry(fn, label), backend=backend, dynamic=None)
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        if not DDP_SPLIT_OFF:
+            return compiled(*args, **kwargs)
         with torch._dynamo.config.patch(optimize_ddp=False):
             return compiled(*args, **kwargs)
 
     return run
+
+
+DDP_SPLIT_OFF = True
+EAGER_MASKS = False
+
+
+def masks_run_eagerly(model: torch.nn.Module) -> list[str]:
+    """Run the mask builders (transformers.masking_utils.create_*mask*) that the model's
+    modules call outside the captured graph, as eager code, so the graph receives exactly the
+    mask eager HF would use (None where eager skips it). Returns the wrapped names."""
+    import sys
+
+    wrapped = []
+    for module in {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}:
+        for name, fn in list(vars(module).items()):
+            if (
+                name.startswith("create_")
+                and "mask" in name
+                and callable(fn)
+                and getattr(fn, "__module__", "") == "transformers.masking_utils"
+                and not getattr(fn, "_graft_eager", False)
+            ):
+                eager = torch._dynamo.disable(fn, recursive=True)
+                eager._graft_eager = True
+                setattr(module, name, eager)
+                wrapped.append(f"{module.__name__}.{name}")
+    return wrapped
 
 
 def trace(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[torch.fx.GraphModule, list[Any]]:

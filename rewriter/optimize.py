@@ -20,7 +20,7 @@ import torch.fx
 from torch.fx import Node
 
 import patterns as _builtin_pattern_files  # noqa: F401  (importing registers them)
-from rewriter import registry
+from rewriter import capture, registry
 from rewriter.capture import compile_with, graph_break_reasons
 from rewriter.checkpoint import checkpoint_regions
 from rewriter.match import Match, Pattern, find_matches
@@ -205,6 +205,8 @@ class _Session:
         if getattr(original, "__self__", hf) is not hf:  # a copy of an optimized model
             original = types.MethodType(original.__func__, hf)
         self.original_forward = original
+        if capture.EAGER_MASKS:
+            capture.masks_run_eagerly(hf)
         self.compiled = compile_with(self.original_forward, self.backend, type(hf).__name__)
         _SESSIONS[hf] = self
         hf.forward = _bound_forward(hf, self.original_forward)
