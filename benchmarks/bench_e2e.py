@@ -133,9 +133,7 @@ def worker(spec: dict) -> dict:
     data = list(batches(shape, spec["seq"], spec["batch"], spec["steps"], device))
     result["build_s"] = time.perf_counter() - t0
     if variant == "graft":
-        from rewriter import capture, optimize, report
-
-        capture.EAGER_MASKS = bool(spec.get("eager_masks"))
+        from rewriter import optimize, report
 
         t0 = time.perf_counter()
         sample = data[0]
@@ -268,7 +266,6 @@ def main() -> None:
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, 4 steps")
     parser.add_argument("--verify-tokens", type=int, help="graft: verify on a prefix of this many tokens")
-    parser.add_argument("--eager-masks", action="store_true", help="graft: mask builders run outside the graph")
     parser.add_argument("--profile", help="after timing, profile one more step; tables go in this folder")
     args = parser.parse_args()
     if args.worker:
@@ -287,8 +284,6 @@ def main() -> None:
                 spec["profile"] = args.profile
             if args.verify_tokens:
                 spec["verify_tokens"] = args.verify_tokens
-            if args.eager_masks:
-                spec["eager_masks"] = True
             t0 = time.perf_counter()
             results.append(run_variant(spec, args.timeout))
             print(

@@ -93,28 +93,6 @@ def sdpa_check(device: str) -> None:
         print(f"sdpa {name:<12} rel err vs fp64: out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}")
 
 
-def spy_on_masks() -> None:
-    """Print what the causal_attention check sees: the captured graph's mask, against the causal
-    triangle, per batch row."""
-    import patterns.attention as attention
-
-    check = attention.is_causal_mask
-
-    def spy(mask, q_len, kv_len):
-        verdict = check(mask, q_len, kv_len)
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        tri = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
-        rows = [bool((allowed[b].expand(-1, q_len, kv_len) == tri).all()) for b in range(allowed.shape[0])]
-        print(
-            f"mask {tuple(mask.shape)} {mask.dtype} allowed {allowed.float().mean().item():.5f} "
-            f"(causal {(q_len + 1) / (2 * kv_len):.5f}) causal per batch row {rows} verdict {verdict}",
-            flush=True,
-        )
-        return verdict
-
-    attention.is_causal_mask = spy
-
-
 def state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
@@ -125,19 +103,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--sets", default="none,each,all")
     parser.add_argument("--sdpa", action="store_true", help="first, SDPA masked vs is_causal against float64")
-    parser.add_argument("--spy", action="store_true", help="print the masks the causal_attention check sees")
-    parser.add_argument("--eager-masks", action="store_true", help="mask builders run outside the graph")
-    parser.add_argument("--ddp-patch", default="on", choices=["on", "off"])
     args = parser.parse_args()
     from peft import LoraConfig, get_peft_model
 
-    from rewriter import capture, optimize, registry, report
+    from rewriter import optimize, registry, report
     from rewriter.optimize import _SESSIONS
 
-    capture.EAGER_MASKS = args.eager_masks
-    capture.DDP_SPLIT_OFF = args.ddp_patch == "on"
-    if args.spy:
-        spy_on_masks()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.sdpa:
         sdpa_check(device)
@@ -146,7 +117,7 @@ def main() -> None:
     names = [p.name for p in registry.patterns_for("llama")]
     sets = []
     for kind in args.sets.split(","):
-        sets += {"none": [[]], "each": [[n] for n in names], "all": [None], "causal": [["causal_attention"]]}[kind]
+        sets += {"none": [[]], "each": [[n] for n in names], "all": [None]}[kind]
     for chosen in sets:
         torch.manual_seed(0)
         model = build_model(shape, device)
@@ -166,7 +137,7 @@ def main() -> None:
         rewritten = loss_and_grads(model, batch)
         w = rep.whole_model
         label = "all" if chosen is None else ("none" if not chosen else chosen[0])
-        label += f" L{args.layers}" + (" eager-masks" if args.eager_masks else "") + f" ddp-patch {args.ddp_patch}"
+        label += f" L{args.layers}"
         spread, _ = rel(before[1], again[1])
         drift, drift_worst = rel(before[1], after[1])
         ours, ours_worst = rel(before[1], rewritten[1])

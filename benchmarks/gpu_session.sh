@@ -22,11 +22,8 @@ case "${1:-e2e}" in
     run e2e_16k 200 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --out "$out/e2e_16k.json"
     run e2e_mistral 170 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 110 --out "$out/e2e_mistral.json"
     ;;
-  diagnose)  # the whole-model check's failure on the 8B shape, then issue 3's and issue 5's benches
-    run spy 100 python3 benchmarks/diagnose_verify.py --spy --layers 32 --sets causal
-    run eager_masks 90 python3 benchmarks/diagnose_verify.py --eager-masks --layers 32 --sets none
-    run ddp_off 90 python3 benchmarks/diagnose_verify.py --ddp-patch off --layers 32 --sets none
-    run e2e_2048 190 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing no --timeout 150 --eager-masks --out "$out/e2e_2048.json"
+  diagnose)  # the whole-model check on the 8B shape: the captured graph alone, then every pattern
+    run diagnose 330 python3 benchmarks/diagnose_verify.py --sdpa --layers 32 --sets none,all
     ;;
   kernels)
     run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"

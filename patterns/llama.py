@@ -1,6 +1,6 @@
 """Llama (`model_type="llama"`): the patterns that apply, larger first."""
 
-from patterns import activations, attention, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
+from patterns import activations, lora, loss, norms, rope  # noqa: F401  (registers the patterns named below)
 from rewriter.registry import register_architecture
 
 PATTERNS = [
@@ -13,7 +13,6 @@ PATTERNS = [
     "rmsnorm",
     "rope",
     "swiglu",
-    "causal_attention",
     "linear_cross_entropy",
 ]
 register_architecture("llama", PATTERNS)

@@ -7,7 +7,9 @@ through our custom Functions exactly as through the original ops.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -47,11 +49,13 @@ def compile_with(fn: Callable[..., Any], backend: Backend, label: str) -> Callab
     boundaries (its "DDP optimizer", for compiled backward graphs) and hand us the pieces:
     patterns across a boundary would not match, and small first buckets make it raise. Our
     graph runs eagerly, so DDP's own per-parameter hooks already overlap the all-reduce with
-    backward: the split is turned off for our calls."""
+    backward: the split is turned off for calls made inside a DDP forward, and only there (on the
+    8B model with a traced attention mask, patching Dynamo's config around every call changed
+    the captured graph's gradients by 1.3 relative; unexplained, benchmarks/RESULTS.md)."""
     compiled = torch.compile(unique_entry(fn, label), backend=backend, dynamic=None)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not DDP_SPLIT_OFF:
+        if torch.nn.parallel.DistributedDataParallel._get_active_ddp_module() is None:
             return compiled(*args, **kwargs)
         with torch._dynamo.config.patch(optimize_ddp=False):
             return compiled(*args, **kwargs)
@@ -59,16 +63,23 @@ def compile_with(fn: Callable[..., Any], backend: Backend, label: str) -> Callab
     return run
 
 
-DDP_SPLIT_OFF = True
-EAGER_MASKS = False
+# True during a graft call whose batch eager HF would run without an attention mask; the mask
+# builders' wrappers read it while Dynamo traces them, so it is guarded: a batch that needs a
+# mask (padding) compiles the graph that builds one.
+SKIP_MASKS = False
 
 
-def masks_run_eagerly(model: torch.nn.Module) -> list[str]:
-    """Run the mask builders (transformers.masking_utils.create_*mask*) that the model's
-    modules call outside the captured graph, as eager code, so the graph receives exactly the
-    mask eager HF would use (None where eager skips it). Returns the wrapped names."""
-    import sys
+def wrap_mask_builders(model: torch.nn.Module) -> list[str]:
+    """Wrap the attention-mask builders the model's code calls (transformers.masking_utils'
+    create_*mask*) so that, during a graft call whose batch eager HF would run without a mask,
+    they return None as eager does (SDPA then runs with is_causal=True).
 
+    Why: eager HF skips the causal mask after a data-dependent check (no padding, one sequence);
+    traced, it cannot, and materialises the mask. SDPA then takes its slower masked path, and on
+    the 8B model (transformers 5.17, torch 2.11) that graph's LoRA gradients differed from
+    eager's by 5.9e-2 relative against a run-to-run spread of 1.3e-2 (benchmarks/RESULTS.md,
+    third session). The decision is made before the call, in eager code (graft_skips_mask).
+    Returns the names wrapped (once each; outside graft's calls the wrappers pass through)."""
     wrapped = []
     for module in {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}:
         for name, fn in list(vars(module).items()):
@@ -77,13 +88,38 @@ def masks_run_eagerly(model: torch.nn.Module) -> list[str]:
                 and "mask" in name
                 and callable(fn)
                 and getattr(fn, "__module__", "") == "transformers.masking_utils"
-                and not getattr(fn, "_graft_eager", False)
             ):
-                eager = torch._dynamo.disable(fn, recursive=True)
-                eager._graft_eager = True
-                setattr(module, name, eager)
+                setattr(module, name, _eager_skip(fn))
                 wrapped.append(f"{module.__name__}.{name}")
     return wrapped
+
+
+def _eager_skip(build: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(build)
+    def build_mask(*args: Any, **kwargs: Any) -> Any:
+        if SKIP_MASKS:
+            return None
+        return build(*args, **kwargs)
+
+    build_mask.__module__ = __name__  # wrapped once: a second model finds ours, not HF's
+    return build_mask
+
+
+def eager_skips_mask(config: Any, kwargs: dict[str, Any]) -> bool:
+    """Would eager HF (SDPA attention) run this training batch without a mask? Only in the plain
+    case, decided conservatively: no position_ids (packed sequences), no cache, a sequence
+    shorter than any sliding window, and an attention_mask that is absent or all ones (one
+    host sync, as eager's own check)."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if getattr(config, "_attn_implementation", None) != "sdpa" or ids is None:
+        return False
+    if kwargs.get("position_ids") is not None or kwargs.get("past_key_values") is not None:
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and ids.shape[1] >= window:
+        return False
+    mask = kwargs.get("attention_mask")
+    return mask is None or (torch.is_tensor(mask) and mask.dim() == 2 and bool(mask.all()))
 
 
 def trace(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[torch.fx.GraphModule, list[Any]]:

@@ -21,7 +21,7 @@ from torch.fx import Node
 
 import patterns as _builtin_pattern_files  # noqa: F401  (importing registers them)
 from rewriter import capture, registry
-from rewriter.capture import compile_with, graph_break_reasons
+from rewriter.capture import compile_with, graph_break_reasons, wrap_mask_builders
 from rewriter.checkpoint import checkpoint_regions
 from rewriter.match import Match, Pattern, find_matches
 from rewriter.module_match import ModulePattern
@@ -205,8 +205,7 @@ class _Session:
         if getattr(original, "__self__", hf) is not hf:  # a copy of an optimized model
             original = types.MethodType(original.__func__, hf)
         self.original_forward = original
-        if capture.EAGER_MASKS:
-            capture.masks_run_eagerly(hf)
+        wrap_mask_builders(hf)
         self.compiled = compile_with(self.original_forward, self.backend, type(hf).__name__)
         _SESSIONS[hf] = self
         hf.forward = _bound_forward(hf, self.original_forward)
@@ -226,13 +225,17 @@ class _Session:
             kwargs.setdefault("use_cache", False)
             self.report.checkpointing = f"graft's own, {len(self.checkpoint_layers)} layer(s)"
         hooks = self._input_grad_hooks()
+        # positional input_ids only: anything more positional is not judged (the mask is built)
+        named = dict(kwargs, input_ids=args[0]) if len(args) == 1 else kwargs
         try:
             for m in flagged:
                 m.gradient_checkpointing = False
             for key in hooks:
                 del hooks[key][0][key]
+            capture.SKIP_MASKS = len(args) <= 1 and capture.eager_skips_mask(self.hf.config, named)
             out = self.compiled(*args, **kwargs)
         finally:
+            capture.SKIP_MASKS = False
             for m in flagged:
                 m.gradient_checkpointing = True
             for key, (table, hook) in hooks.items():

@@ -1,0 +1,65 @@
+"""Attention masks are built eagerly, outside the captured graph (rewriter/capture.py): the graph
+gets exactly the mask eager HF uses, none at all when nothing is padded."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import batch, tiny_causal_lm, train_losses
+
+from rewriter import optimize, report
+from rewriter.optimize import _SESSIONS
+
+
+def _sdpa_masks(model) -> list:
+    """The attn_mask argument of every SDPA call in the model's rewritten graphs."""
+    masks = []
+    hf = model.base_model.model if hasattr(model, "base_model") else model  # the causal LM under PEFT
+    for graph in _SESSIONS[hf].graphs:
+        for node in graph.current.graph.nodes:
+            if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                masks.append(node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None))
+    return masks
+
+
+def _close(la: list[float], lb: list[float]) -> bool:
+    return all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_without_padding_sdpa_gets_no_mask_and_trains_like_the_twin(model_type):
+    twin = tiny_causal_lm(model_type)
+    model = optimize(tiny_causal_lm(model_type))
+    rep = report(model)
+    masks = _sdpa_masks(model)
+    assert rep.verified and masks and all(m is None for m in masks), (str(rep), masks)
+    assert _close(train_losses(twin), train_losses(model))
+
+
+def _masked_batch(step: int, padded: bool) -> dict:
+    b = batch(step)
+    mask = torch.ones_like(b["input_ids"])
+    if padded:
+        mask[0, :3] = 0  # left padding
+    return dict(b, attention_mask=mask)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_an_attention_mask_input_gives_eagers_mask_and_trains_like_the_twin(padded):
+    twin = tiny_causal_lm("llama")
+    model = optimize(tiny_causal_lm("llama"), sample=_masked_batch(0, padded))
+    rep = report(model)
+    masks = _sdpa_masks(model)
+    assert rep.verified and masks, str(rep)
+    assert all((m is not None) == padded for m in masks), masks  # all ones: eager skips it too
+    batches = functools.partial(_masked_batch, padded=padded)
+    assert _close(train_losses(twin, batches=batches), train_losses(model, batches=batches))
+
+
+def test_a_sliding_window_that_bites_trains_like_the_twin():
+    config = dict(sliding_window=6)
+    twin = tiny_causal_lm("mistral", config=config)
+    model = optimize(tiny_causal_lm("mistral", config=config), sample=batch(0, length=19))
+    assert report(model).verified and all(m is not None for m in _sdpa_masks(model))
+    assert _close(train_losses(twin), train_losses(model))
