@@ -67,11 +67,14 @@ def compile_with(fn: Callable[..., Any], backend: Backend, label: str) -> Callab
 # builders' wrappers read it while Dynamo traces them, so it is guarded: a batch that needs a
 # mask (padding) compiles the graph that builds one.
 SKIP_MASKS = False
+# The builders whose skip rule eager_skips_mask follows (others, e.g. with extra mask functions
+# for image tokens, are left alone).
+_SKIPPABLE_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask")
 
 
 def wrap_mask_builders(model: torch.nn.Module) -> list[str]:
     """Wrap the attention-mask builders the model's code calls (transformers.masking_utils'
-    create_*mask*) so that, during a graft call whose batch eager HF would run without a mask,
+    causal and sliding-window builders) so that, during a graft call whose batch eager HF would run without a mask,
     they return None as eager does (SDPA then runs with is_causal=True).
 
     Why: eager HF skips the causal mask after a data-dependent check (no padding, one sequence);
@@ -83,12 +86,7 @@ def wrap_mask_builders(model: torch.nn.Module) -> list[str]:
     wrapped = []
     for module in {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}:
         for name, fn in list(vars(module).items()):
-            if (
-                name.startswith("create_")
-                and "mask" in name
-                and callable(fn)
-                and getattr(fn, "__module__", "") == "transformers.masking_utils"
-            ):
+            if name in _SKIPPABLE_BUILDERS and getattr(fn, "__module__", "") == "transformers.masking_utils":
                 setattr(module, name, _eager_skip(fn))
                 wrapped.append(f"{module.__name__}.{name}")
     return wrapped
@@ -97,7 +95,8 @@ def wrap_mask_builders(model: torch.nn.Module) -> list[str]:
 def _eager_skip(build: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(build)
     def build_mask(*args: Any, **kwargs: Any) -> Any:
-        if SKIP_MASKS:
+        # extra mask functions (image tokens, custom patterns) stop eager from skipping too
+        if SKIP_MASKS and kwargs.get("or_mask_function") is None and kwargs.get("and_mask_function") is None:
             return None
         return build(*args, **kwargs)
 
