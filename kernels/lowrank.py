@@ -131,7 +131,7 @@ def _up_add_kernel(
 
 @triton.jit
 def _grad_kernel(
-    X, U, PARTIAL, M, K, R, rows_per_split,
+    X, U, PARTIAL, M, K, R, rows_per_split, scale,
     sxm, sxk, sum_, sur,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
@@ -147,7 +147,7 @@ def _grad_kernel(
         x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=inside[:, None] & (rk[None, :] < K), other=0.0)
         acc += _dot_fp32(ut.to(tl.float32), x, SPLIT, True, 256.0)  # one block per dot
     out = PARTIAL + split * R * K + rr[:, None] * K + rk[None, :]
-    tl.store(out, acc, mask=(rr[:, None] < R) & (rk[None, :] < K))
+    tl.store(out, acc * scale, mask=(rr[:, None] < R) & (rk[None, :] < K))
 
 
 def _kind(dtype: torch.dtype) -> tuple:
@@ -219,7 +219,7 @@ def grad(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     if m == 0:
         return torch.zeros((r, k), dtype=torch.float32, device=x.device)
     _grad_kernel[(k_blocks, splits)](
-        x, u, partial, m, k, r, rows, *x.stride(), *u.stride(),
+        x, u, partial, m, k, r, rows, scale, *x.stride(), *u.stride(),
         BM=bm, BK=bk, BR=_block_r(r), SPLIT=x.dtype == torch.bfloat16,
     )  # fmt: skip
-    return partial.sum(0) * scale if splits > 1 else partial[0] * scale
+    return partial.sum(0) if splits > 1 else partial[0]  # the scale is applied in the kernel
