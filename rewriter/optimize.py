@@ -205,7 +205,13 @@ class _Session:
         if getattr(original, "__self__", hf) is not hf:  # a copy of an optimized model
             original = types.MethodType(original.__func__, hf)
         self.original_forward = original
-        wrap_mask_builders(hf)
+        wrapped = wrap_mask_builders(hf)
+        rep.masks = (
+            "eager's (none when eager skips it: no padding, no packed positions), from "
+            + ", ".join(sorted({w.rsplit(".", 1)[1] for w in wrapped}))
+            if wrapped
+            else "traced (no transformers mask builder found: SDPA gets the materialised mask)"
+        )
         self.compiled = compile_with(self.original_forward, self.backend, type(hf).__name__)
         _SESSIONS[hf] = self
         hf.forward = _bound_forward(hf, self.original_forward)

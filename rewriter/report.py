@@ -62,6 +62,7 @@ class RewriteReport:
     sample_tokens: int = 0
     verify: bool = True
     checkpointing: str = "off"  # activation checkpointing of the rewritten graph
+    masks: str = "traced"  # how the graph gets its attention masks (rewriter/capture.py)
 
     def counts(self) -> dict[str, int]:
         """Pattern name -> replacements in effect (every pattern of the set, zeros included)."""
@@ -118,6 +119,7 @@ class RewriteReport:
         lines = [
             f"graft rewrite report: model_type={self.model_type!r}, {self.graphs} graph(s), "
             f"{breaks} graph break(s), {status}, checkpointing {self.checkpointing}",
+            f"  attention masks: {self.masks}",
         ]
         if self.matches:
             lines.append(
