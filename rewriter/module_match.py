@@ -42,13 +42,32 @@ class ModuleGroup:
         return next((n for n in self.inputs if self.values.get(n) is tensor), None)
 
     def activations(self) -> list[Node]:
-        """Inputs computed by the graph (not lifted parameters, buffers or sizes)."""
+        """Inputs computed by the graph, or handed to it as a local of the captured frame (after a
+        graph break, e.g. at FSDP's per-layer hooks, a layer's input arrives so); not lifted
+        parameters, buffers or sizes."""
         return [
-            n for n in self.inputs if n.op != "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)
+            n
+            for n in self.inputs
+            if isinstance(n.meta.get("example_value"), torch.Tensor) and (n.op != "placeholder" or _frame_local(n))
         ]
 
     def outputs_of(self, path: str) -> list[Node]:
         return [o for o in self.outputs if _within(self.module_of(o)[0], [path])]
+
+
+def _frame_local(node: Node) -> bool:
+    """A placeholder Dynamo made from the frame's arguments or locals (`L['hidden_states']`,
+    `L['args'][0]`), not from a module's state (`L['self']._modules[...]._parameters[...]`,
+    globals)."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = str(getattr(source, "name", ""))
+    while getattr(source, "base", None) is not None:
+        source = source.base
+    return (
+        type(source).__name__ == "LocalSource"
+        and getattr(source, "local_name", None) != "self"
+        and not any(part in name for part in ("_parameters[", "_buffers[", "_modules["))
+    )
 
 
 @dataclass(frozen=True)
