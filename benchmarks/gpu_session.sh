@@ -2,12 +2,15 @@
 # Every GPU measurement the open issues need, in priority order, each bounded so one call of the
 # device tool (10 minutes) returns whatever finished. Run from the repository root on the GPU
 # machine after installing the wheel bundle (../shared/gpu/wheels.sh liger-kernel==0.8.5):
-#   bash benchmarks/gpu_session.sh e2e     # issue 6: 8B QLoRA, 2048x2 both modes, then 16384x1
-#   bash benchmarks/gpu_session.sh kernels # issues 3-5: lora nodes, elementwise, loss, nf4
+#   bash benchmarks/gpu_session.sh e2e      # issue 6: 8B QLoRA, 2048x2 both modes (profiled), 16384x1
+#   bash benchmarks/gpu_session.sh more     # issue 6's Mistral shape, the LoRA nodes, elementwise
+#   bash benchmarks/gpu_session.sh diagnose # the whole-model check on the 8B shape, per pattern set
+#   bash benchmarks/gpu_session.sh kernels  # issues 3-5: lora nodes, elementwise, loss, nf4
+# At most 8 files come back from a call: stdout is printed (not kept), profiles stay in the JSON.
 set -u
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt" 2> "$out/$name.log"; echo "== $name (rc $?)"; cat "$out/$name.txt"; }
+run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt" 2> "$out/$name.log"; echo "== $name (rc $?)"; cat "$out/$name.txt"; rm -f "$out/$name.txt" "$out"/profile_*.txt; }
 (nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
  python3 -c "import torch, triton, transformers, peft, bitsandbytes; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__)") > "$out/env.txt" 2>&1
 cat "$out/env.txt"
@@ -16,11 +19,10 @@ case "${1:-e2e}" in
     run e2e_2048 360 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 170 --profile "$out" --out "$out/e2e_2048.json"
     run e2e_16k 220 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --out "$out/e2e_16k.json"
     ;;
-  final)  # the LoRA products and nodes, 8B 2048 x 2 both modes, 16384 x 1, then the Mistral shape
-    run lora 110 python3 benchmarks/bench_lora.py --out "$out/lora.json"
-    run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 150 --profile "$out" --out "$out/e2e_2048.json"
-    run e2e_16k 200 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --out "$out/e2e_16k.json"
-    run e2e_mistral 170 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 110 --out "$out/e2e_mistral.json"
+  more)  # the Mistral shape, then the LoRA nodes (split-K lowrank) and the elementwise kernels
+    run e2e_mistral 190 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 120 --out "$out/e2e_mistral.json"
+    run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"
+    run elementwise 170 python3 benchmarks/bench_elementwise.py --sweep --out "$out/elementwise.json"
     ;;
   diagnose)  # the whole-model check on the 8B shape: the captured graph alone, then every pattern
     run diagnose 330 python3 benchmarks/diagnose_verify.py --sdpa --layers 32 --sets none,all
