@@ -43,6 +43,7 @@ For the MLP eager also keeps silu(e), its input and h and a(h); we keep e and g.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -123,6 +124,21 @@ def _merged_rank(projections: Sequence[Projection], As) -> bool:
     )
 
 
+def _segments(projections: Sequence[Projection], As) -> lowrank.Segments | None:
+    """Where the stacked outputs of merged projections are cut, if their rank-r products can
+    also run as one segmented launch each (kernels/lowrank.py): up to three projections of
+    equal rank, one cast rule, and cuts that no block of 16 straddles; else None."""
+    bounds = tuple(itertools.accumulate(p.out_features for p in projections))[:-1]
+    if (
+        len(projections) > 3
+        or len({A.shape[0] for A in As}) != 1
+        or len({p.quantized for p in projections}) != 1
+        or not lowrank.segment_block(bounds, 128)
+    ):
+        return None
+    return bounds
+
+
 def lora_forward(x: torch.Tensor, projections: Sequence[Projection], As, Bs, biases):
     """Forward of projections sharing x (M, K): outputs (column blocks of one buffer), the u's
     and the dropout states."""
@@ -131,9 +147,15 @@ def lora_forward(x: torch.Tensor, projections: Sequence[Projection], As, Bs, bia
     y = F.linear(x.to(c), _dense_weights(projections, x.device), _biases(projections, biases, x.device)).to(d)
     blocks = y.split([p.out_features for p in projections], dim=1)
     if _merged_rank(projections, As):  # one launch for every x A_i^T
-        us = list(lowrank.down(x, torch.cat(As)).split([A.shape[0] for A in As], dim=1))
-        for p, B, y_p, u in zip(projections, Bs, blocks, us):
-            lowrank.up_add_(y_p, u, B, p.scaling, round_first=p.quantized)
+        u_all = lowrank.down(x, torch.cat(As))
+        us = list(u_all.split([A.shape[0] for A in As], dim=1))
+        bounds = _segments(projections, As)
+        if bounds is not None:  # and one for every y_i += s_i u_i B_i^T
+            scales = [p.scaling for p in projections]
+            lowrank.up_add_(y, u_all, torch.cat(Bs), scales, round_first=projections[0].quantized, bounds=bounds)
+        else:
+            for p, B, y_p, u in zip(projections, Bs, blocks, us):
+                lowrank.up_add_(y_p, u, B, p.scaling, round_first=p.quantized)
         return list(blocks), us, [None] * len(projections)
     outputs, us, states = [], [], []
     for p, A, B, y_p in zip(projections, As, Bs, blocks):
@@ -155,6 +177,10 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
     side by side in one (M, sum N_i) tensor, if the caller already has it."""
     c = projections[0].compute_dtype
     rows = sum(p.out_features for p in projections)
+    bounds = _segments(projections, As) if _merged_rank(projections, As) else None
+    D = stacked
+    if D is None and (len(grads) == 1 or bounds is not None):  # the stacked gradient, where it is used
+        D = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
     if len(projections) > 1 and rows * projections[0].in_features * c.itemsize > STACKED_WEIGHT_BYTES:
         # gate and up of an MLP: one dense weight at a time (half the peak), dx summed in x's
         # dtype as eager autograd sums the two paths' gradients
@@ -164,11 +190,20 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
             dx = part if dx is None else dx.add_(part)
         dx = dx.to(x.dtype)
     else:
-        D = stacked if stacked is not None else grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+        D = D if D is not None else torch.cat(grads, dim=1)
         dx = (D.to(c) @ _dense_weights(projections, x.device)).to(x.dtype)
     if _merged_rank(projections, As):  # one launch each for every dA_i and every dx term
-        dBs = [lowrank.grad(grad, u, p.scaling).t().to(B.dtype) for p, B, u, grad in zip(projections, Bs, us, grads)]
-        G = torch.cat([lowrank.down(grad, B.t(), p.scaling) for p, B, grad in zip(projections, Bs, grads)], dim=1)
+        if bounds is not None:  # and for every dB_i and every g_i, from the stacked gradient
+            scales = [p.scaling for p in projections]
+            dB_all = lowrank.grad(D, torch.cat(us, dim=1), scales, bounds, rank=As[0].shape[0])
+            cuts = [0, *bounds, rows]
+            dBs = [dB_all[:, a:b].t().to(B.dtype) for a, b, B in zip(cuts, cuts[1:], Bs)]
+            G = lowrank.down(D, torch.cat(Bs).t(), scales, bounds)
+        else:
+            dBs = [
+                lowrank.grad(grad, u, p.scaling).t().to(B.dtype) for p, B, u, grad in zip(projections, Bs, us, grads)
+            ]
+            G = torch.cat([lowrank.down(grad, B.t(), p.scaling) for p, B, grad in zip(projections, Bs, grads)], dim=1)
         dAs = [d.to(A.dtype) for d, A in zip(lowrank.grad(x, G).split([A.shape[0] for A in As]), As)]
         lowrank.up_add_(dx, G, torch.cat(As).t())
         dbs = [grad.sum(0) if bias_grad else None for grad, bias_grad in zip(grads, needs_bias_grad)]

@@ -247,6 +247,12 @@ def drive_lowrank() -> None:
             for round_first in (False, True):
                 y = torch.randn(m, k, dtype=dtype)
                 lowrank.up_add_(y, u, torch.randn(k, r) * 0.1, 2.0, round_first=round_first)
+        # segmented (q, k and v at once), with the smaller blocks that cuts at 32 or 64 need
+        x, b, u = torch.randn(37, 192, dtype=dtype), torch.randn(192, 8) * 0.05, torch.randn(37, 24)
+        for bounds in ((64, 96), (128,)):
+            lowrank.down(x, b.t(), (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds)
+            lowrank.grad(x, u, (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds, rank=8)
+            lowrank.up_add_(x.clone(), u, b, (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds=bounds)
 
 
 def _dense_projection(n_out: int, n_in: int, dtype: torch.dtype, *, quantized: bool, dropout: float):

@@ -47,3 +47,50 @@ def test_up_add_on_a_column_slice_leaves_the_rest():
     lowrank.up_add_(y[:, 16:32], u, v)
     assert torch.equal(y[:, :16], before[:, :16]) and torch.equal(y[:, 32:], before[:, 32:])
     assert not torch.equal(y[:, 16:32], before[:, 16:32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bounds", [(64,), (64, 96), (32, 160)])
+def test_segmented_products_are_the_per_segment_ones(dtype, bounds):
+    """q, k and v at once: their stacked (M, N) operand cut at `bounds`, one rank-r factor and one
+    scale per segment, each segment's result within the fp32 matmul's error."""
+    m, n, r = 37, 192, 8
+    cuts = [0, *bounds, n]
+    count = len(cuts) - 1
+    scales = (0.5, 2.0, 1.5)[:count]
+    d = torch.randn(m, n, dtype=dtype)  # the stacked gradient
+    b = torch.randn(n, r) * 0.05  # the B_i stacked along N
+    u = torch.randn(m, count * r)  # the u_i side by side
+    g = lowrank.down(d, b.t(), scales, bounds)
+    db = lowrank.grad(d, u, scales, bounds, rank=r)
+    y = torch.randn(m, n, dtype=dtype)
+    y_ours = lowrank.up_add_(y.clone(), u, b, scales, bounds=bounds)
+    for i, (lo, hi, s) in enumerate(zip(cuts, cuts[1:], scales)):
+        ui, cols = u[:, i * r : (i + 1) * r], slice(i * r, (i + 1) * r)
+        assert_close_to_fp64(
+            f"down seg {i}",
+            g[:, cols],
+            (d[:, lo:hi].float() @ b[lo:hi]) * s,
+            (d[:, lo:hi].double() @ b[lo:hi].double()) * s,
+        )
+        assert_close_to_fp64(
+            f"grad seg {i}",
+            db[:, lo:hi],
+            (ui.t() @ d[:, lo:hi].float()) * s,
+            (ui.double().t() @ d[:, lo:hi].double()) * s,
+        )
+        term = (ui @ b[lo:hi].t()) * s
+        assert_close_to_fp64(
+            f"up_add seg {i}",
+            y_ours[:, lo:hi],
+            (y[:, lo:hi].float() + term).to(dtype),
+            y[:, lo:hi].double() + (ui.double() @ b[lo:hi].double().t()) * s,
+        )
+
+
+def test_segments_that_cut_a_block_are_refused():
+    d, u = torch.randn(8, 100), torch.randn(8, 16)
+    with pytest.raises(ValueError):
+        lowrank.grad(d, u, 1.0, (50,), rank=8)
+    with pytest.raises(ValueError):
+        lowrank.down(d, torch.randn(8, 100), (1.0, 2.0), (50, 40))  # out of order
