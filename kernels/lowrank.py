@@ -186,6 +186,8 @@ Segments = tuple[int, ...]  # the cut points of the stacked axis: () one segment
 
 def _segments(length: int, bounds: Segments, scale) -> tuple[int, int, tuple[float, float, float], int]:
     """(b1, b2, three scales, number of segments) for the kernels; scale is one float or one per segment."""
+    if not bounds and not isinstance(scale, (tuple, list)):  # the plain product (most calls)
+        return length, length, (float(scale), 0.0, 0.0), 1
     count = len(bounds) + 1
     scales = tuple(scale) if isinstance(scale, (tuple, list)) else (scale,) * count
     if count > 3 or len(scales) != count or list(bounds) != sorted(bounds) or any(not 0 < b < length for b in bounds):
