@@ -205,3 +205,21 @@ def test_nodes_with_the_rmsnorm_prologue_match_float64(node, base, trainable_nor
 
     results = [run(fn, x, params, seed=11) for fn in (ours, eager, ref)]
     compare(f"norm+{node} {base} trainable_norm={trainable_norm}", *results)
+
+
+def test_which_projections_run_their_rank_r_products_as_one_segmented_launch():
+    from kernels.lora import Projection
+
+    def proj(n_out: int, quantized: bool = False) -> Projection:
+        return Projection(lambda out: None, None, 2.0, 0.0, torch.float32, quantized, n_out, 64)
+
+    def a(rank: int) -> torch.Tensor:
+        return torch.zeros(rank, 64)
+
+    qkv = [proj(64), proj(32), proj(32)]
+    assert lora_kernels._segments(qkv, [a(8)] * 3) == (64, 96)
+    assert lora_kernels._segments(qkv[:2], [a(8)] * 2) == (64,)
+    assert lora_kernels._segments(qkv, [a(8), a(4), a(8)]) is None  # ranks differ
+    assert lora_kernels._segments([proj(40), proj(24)], [a(8)] * 2) is None  # a cut inside a block of 16
+    assert lora_kernels._segments([proj(32, True), proj(32)], [a(8)] * 2) is None  # two cast rules
+    assert lora_kernels._segments([proj(16)] * 4, [a(8)] * 4) is None  # more than three
