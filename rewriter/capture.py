@@ -74,14 +74,14 @@ _SKIPPABLE_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask"
 
 def wrap_mask_builders(model: torch.nn.Module) -> list[str]:
     """Wrap the attention-mask builders the model's code calls (transformers.masking_utils'
-    causal and sliding-window builders) so that, during a graft call whose batch eager HF would run without a mask,
-    they return None as eager does (SDPA then runs with is_causal=True).
+    causal and sliding-window builders) so that, traced during a graft call whose batch eager HF
+    would run without a mask, they return None as eager does (SDPA then runs is_causal).
 
     Why: eager HF skips the causal mask after a data-dependent check (no padding, one sequence);
     traced, it cannot, and materialises the mask. SDPA then takes its slower masked path, and on
     the 8B model (transformers 5.17, torch 2.11) that graph's LoRA gradients differed from
     eager's by 5.9e-2 relative against a run-to-run spread of 1.3e-2 (benchmarks/RESULTS.md,
-    third session). The decision is made before the call, in eager code (graft_skips_mask).
+    third session). The decision is made before the call, in eager code (eager_skips_mask).
     Returns the names wrapped (once each; outside graft's calls the wrappers pass through)."""
     wrapped = []
     for module in {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}:
@@ -95,8 +95,11 @@ def wrap_mask_builders(model: torch.nn.Module) -> list[str]:
 def _eager_skip(build: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(build)
     def build_mask(*args: Any, **kwargs: Any) -> Any:
-        # extra mask functions (image tokens, custom patterns) stop eager from skipping too
-        if SKIP_MASKS and kwargs.get("or_mask_function") is None and kwargs.get("and_mask_function") is None:
+        # Only while Dynamo traces (the flag is then part of the graph's guards): code running
+        # eagerly meanwhile, e.g. another thread's model, always gets HF's own builder. Extra
+        # mask functions (image tokens, custom patterns) stop eager from skipping too.
+        extra = kwargs.get("or_mask_function") is not None or kwargs.get("and_mask_function") is not None
+        if SKIP_MASKS and not extra and torch.compiler.is_compiling():
             return None
         return build(*args, **kwargs)
 

@@ -63,3 +63,23 @@ def test_a_sliding_window_that_bites_trains_like_the_twin():
     model = optimize(tiny_causal_lm("mistral", config=config), sample=batch(0, length=19))
     assert report(model).verified and all(m is not None for m in _sdpa_masks(model))
     assert _close(train_losses(twin), train_losses(model))
+
+
+def test_the_skip_applies_only_while_dynamo_traces(monkeypatch):
+    """Eager code running while a graft call is in flight (another thread's model) still gets
+    HF's builder: the flag only changes what Dynamo traces."""
+    from transformers import masking_utils
+
+    from rewriter import capture
+
+    wrapped = capture._eager_skip(masking_utils.create_causal_mask)
+    monkeypatch.setattr(capture, "SKIP_MASKS", True)
+    assert not torch.compiler.is_compiling()
+    assert wrapped.__wrapped__ is masking_utils.create_causal_mask and wrapped.__module__ == capture.__name__
+    seen = []
+
+    def build(*args, **kwargs):
+        seen.append(kwargs)
+        return "hf's mask"
+
+    assert capture._eager_skip(build)(attention_mask=None) == "hf's mask" and seen
