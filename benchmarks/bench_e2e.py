@@ -113,6 +113,8 @@ def worker(spec: dict) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     shape, variant, ckpt = SHAPES[spec["shape"]], spec["variant"], spec["checkpointing"]
+    if spec.get("layers"):
+        shape = dict(shape, num_hidden_layers=spec["layers"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = dict(spec)
     if variant == "liger":
@@ -260,6 +262,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument(
+        "--layers", type=int, help="fewer decoder layers (with a short --seq: the host's cost per layer, GPU idle)"
+    )
     parser.add_argument("--variants", default="hf,graft", help="comma list of hf, hf_kbit, liger, graft")
     parser.add_argument("--checkpointing", default="both", choices=["yes", "no", "both"])
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per variant")
@@ -284,6 +289,8 @@ def main() -> None:
                 spec["profile"] = args.profile
             if args.verify_tokens:
                 spec["verify_tokens"] = args.verify_tokens
+            if args.layers:
+                spec["layers"] = args.layers
             t0 = time.perf_counter()
             results.append(run_variant(spec, args.timeout))
             print(

@@ -3,7 +3,7 @@
 # device tool (10 minutes) returns whatever finished. Run from the repository root on the GPU
 # machine after installing the wheel bundle (../shared/gpu/wheels.sh liger-kernel==0.8.5):
 #   bash benchmarks/gpu_session.sh e2e      # issue 6: 8B QLoRA, 2048x2 both modes (profiled), 16384x1
-#   bash benchmarks/gpu_session.sh more     # issue 6's Mistral shape, the LoRA nodes, elementwise
+#   bash benchmarks/gpu_session.sh more     # issue 6's Mistral shape, the LoRA nodes, host cost per layer
 #   bash benchmarks/gpu_session.sh diagnose # the whole-model check on the 8B shape, per pattern set
 #   bash benchmarks/gpu_session.sh kernels  # issues 3-5: lora nodes, elementwise, loss, nf4
 # At most 8 files come back from a call: stdout is printed (not kept), profiles stay in the JSON.
@@ -19,10 +19,10 @@ case "${1:-e2e}" in
     run e2e_2048 360 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 170 --profile "$out" --out "$out/e2e_2048.json"
     run e2e_16k 220 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --out "$out/e2e_16k.json"
     ;;
-  more)  # the Mistral shape, then the LoRA nodes (split-K lowrank) and the elementwise kernels
+  more)  # the Mistral shape, the LoRA nodes (split-K lowrank), then the host's cost per layer
     run e2e_mistral 190 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 120 --out "$out/e2e_mistral.json"
     run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"
-    run elementwise 170 python3 benchmarks/bench_elementwise.py --sweep --out "$out/elementwise.json"
+    run host 150 python3 benchmarks/bench_e2e.py --shape llama8b --layers 4 --seq 64 --batch 1 --steps 8 --variants hf,graft --checkpointing no --timeout 70 --profile "$out" --out "$out/host.json"
     ;;
   diagnose)  # the whole-model check on the 8B shape: the captured graph alone, then every pattern
     run diagnose 330 python3 benchmarks/diagnose_verify.py --sdpa --layers 32 --sets none,all
