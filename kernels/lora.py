@@ -182,12 +182,12 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
     if D is None and (len(grads) == 1 or bounds is not None):  # the stacked gradient, where it is used
         D = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
     if len(projections) > 1 and rows * projections[0].in_features * c.itemsize > STACKED_WEIGHT_BYTES:
-        # gate and up of an MLP: one dense weight at a time (half the peak), dx summed in x's
-        # dtype as eager autograd sums the two paths' gradients
+        # gate and up of an MLP: one dense weight at a time (half the peak); the second GEMM
+        # accumulates into the first's result (no (M, K) temporary; one rounding of the sum,
+        # where eager autograd rounds each path's dx and then their sum)
         dx = None
         for p, grad in zip(projections, grads):
-            part = grad.to(c) @ p.weight(None)
-            dx = part if dx is None else dx.add_(part)
+            dx = grad.to(c) @ p.weight(None) if dx is None else dx.addmm_(grad.to(c), p.weight(None))
         dx = dx.to(x.dtype)
     else:
         D = D if D is not None else torch.cat(grads, dim=1)
