@@ -177,11 +177,13 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
     side by side in one (M, sum N_i) tensor, if the caller already has it."""
     c = projections[0].compute_dtype
     rows = sum(p.out_features for p in projections)
-    bounds = _segments(projections, As) if _merged_rank(projections, As) else None
+    merged = _merged_rank(projections, As)
+    bounds = _segments(projections, As) if merged else None
+    one_at_a_time = len(projections) > 1 and rows * projections[0].in_features * c.itemsize > STACKED_WEIGHT_BYTES
     D = stacked
-    if D is None and (len(grads) == 1 or bounds is not None):  # the stacked gradient, where it is used
+    if D is None and (not one_at_a_time or bounds is not None):  # the stacked gradient, where it is used
         D = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-    if len(projections) > 1 and rows * projections[0].in_features * c.itemsize > STACKED_WEIGHT_BYTES:
+    if one_at_a_time:
         # gate and up of an MLP: one dense weight at a time (half the peak); the second GEMM
         # accumulates into the first's result (no (M, K) temporary; one rounding of the sum,
         # where eager autograd rounds each path's dx and then their sum)
@@ -190,9 +192,8 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
             dx = grad.to(c) @ p.weight(None) if dx is None else dx.addmm_(grad.to(c), p.weight(None))
         dx = dx.to(x.dtype)
     else:
-        D = D if D is not None else torch.cat(grads, dim=1)
         dx = (D.to(c) @ _dense_weights(projections, x.device)).to(x.dtype)
-    if _merged_rank(projections, As):  # one launch each for every dA_i and every dx term
+    if merged:  # one launch each for every dA_i and every dx term
         if bounds is not None:  # and for every dB_i and every g_i, from the stacked gradient
             scales = [p.scaling for p in projections]
             dB_all = lowrank.grad(D, torch.cat(us, dim=1), scales, bounds, rank=As[0].shape[0])

@@ -14,7 +14,7 @@ or disabled adapters, LoRA's own bias, fan_in_fan_out layers, other base layer t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -298,22 +298,22 @@ def _under(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def select_norm_qkv(path: str, module: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> list[str] | None:
-    """A decoder layer's input_layernorm with the q, k and v that read it."""
-    attn = getattr(module, "self_attn", None)
-    if getattr(module, "input_layernorm", None) is None or attn is None:
-        return None
-    qkv = select_qkv(_under(path, "self_attn"), attn, modules)
-    return [_under(path, "input_layernorm"), *qkv] if qkv else None
+def _norm_then(norm: str, child: str, select_child: Callable) -> Callable:
+    """A selector for a decoder layer's `norm` together with the group `select_child` finds in
+    its `child` module (the group that reads the norm's output)."""
+
+    def select(path: str, module: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> list[str] | None:
+        inner_module = getattr(module, child, None)
+        if getattr(module, norm, None) is None or inner_module is None:
+            return None
+        inner = select_child(_under(path, child), inner_module, modules)
+        return [_under(path, norm), *inner] if inner else None
+
+    return select
 
 
-def select_norm_mlp(path: str, module: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> list[str] | None:
-    """A decoder layer's post_attention_layernorm with the MLP that reads it."""
-    mlp = getattr(module, "mlp", None)
-    if getattr(module, "post_attention_layernorm", None) is None or mlp is None:
-        return None
-    inner = select_mlp(_under(path, "mlp"), mlp, modules)
-    return [_under(path, "post_attention_layernorm"), *inner] if inner else None
+select_norm_qkv = _norm_then("input_layernorm", "self_attn", select_qkv)  # the norm with q, k and v
+select_norm_mlp = _norm_then("post_attention_layernorm", "mlp", select_mlp)  # the norm with the MLP
 
 
 RMSNORM_LORA_MLP = register_pattern(ModulePattern("rmsnorm_lora_mlp", select_norm_mlp, bind_norm_mlp))

@@ -82,13 +82,17 @@ def wrap_mask_builders(model: torch.nn.Module) -> list[str]:
     the 8B model (transformers 5.17, torch 2.11) that graph's LoRA gradients differed from
     eager's by 5.9e-2 relative against a run-to-run spread of 1.3e-2 (benchmarks/RESULTS.md,
     third session). The decision is made before the call, in eager code (eager_skips_mask).
-    Returns the names wrapped (once each; outside graft's calls the wrappers pass through)."""
+    Returns the names wrapped, now or by an earlier model (outside graft's calls they pass through)."""
     wrapped = []
     for module in {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}:
         for name, fn in list(vars(module).items()):
-            if name in _SKIPPABLE_BUILDERS and getattr(fn, "__module__", "") == "transformers.masking_utils":
+            if name not in _SKIPPABLE_BUILDERS:
+                continue
+            if getattr(fn, "__module__", "") == "transformers.masking_utils":
                 setattr(module, name, _eager_skip(fn))
-                wrapped.append(f"{module.__name__}.{name}")
+            elif getattr(fn, "__module__", "") != __name__:  # neither HF's nor ours (an earlier model's)
+                continue
+            wrapped.append(f"{module.__name__}.{name}")
     return wrapped
 
 
