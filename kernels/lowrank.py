@@ -25,6 +25,16 @@ fp32 Y (fp32 models) uses exact fp32 dots.
                           4-bit path), else added in fp32 and rounded once (its dense path)
     grad(X, U, s)       = s U^T X            X (M, K), U (M, R) fp32      -> (R, K) fp32
 
+Segmented (q, k and v, or gate and up, at once): the stacked axis of X or Y is cut at up to two
+points into segments i, each with its own factor and scale; the factors' rank-r columns sit
+side by side (U_i = U[:, i r : (i + 1) r]). Per segment the products above are unchanged:
+
+    down:   out[:, i r : (i + 1) r] = s_i X[:, seg_i] P[:, seg_i]^T      (g_i = s_i D_i B_i)
+    grad:   out[:, seg_i]           = s_i U_i^T X[:, seg_i]              (dB_i^T = s_i u_i^T D_i)
+    up_add: Y[:, seg_i]            += s_i U_i V[seg_i]^T                 (y_i += s_i u_i B_i^T)
+
+so their accuracy is that of the plain products; one launch replaces one per segment.
+
 Traffic: down and grad read X once (M K b bytes) plus the small factors; up_add reads and writes
 Y (2 M N b). Both down (over K) and grad (over M) split their reduction across programs until
 the grid fills the GPU: each split writes fp32 partials that are summed in a second,
