@@ -134,7 +134,7 @@ def worker(spec: dict) -> dict:
     result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = list(batches(shape, spec["seq"], spec["batch"], spec["steps"], device))
     result["build_s"] = time.perf_counter() - t0
-    if variant == "graft":
+    if variant.startswith("graft"):
         from rewriter import optimize, report
 
         t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def worker(spec: dict) -> dict:
             # verify on a prefix (16k tokens of float64 checks take minutes); training at the
             # full length then compiles once more and reuses the verified decisions
             sample = {k: v[:1, : spec["verify_tokens"]] if torch.is_tensor(v) else v for k, v in sample.items()}
-        optimize(model, sample=sample)
+        optimize(model, sample=sample, cuda_graphs=variant != "graft_eager")
         result["optimize_s"] = time.perf_counter() - t0
         rep = report(model)
         result["counts"] = rep.counts()
@@ -168,10 +168,11 @@ def worker(spec: dict) -> dict:
         result["profile"] = profile_step(
             model, opt, data[-1], spec["profile"], f"{variant}_{'ckpt' if ckpt else 'nockpt'}"
         )
-    if variant == "graft":
+    if variant.startswith("graft"):
         rep = report(model)
         result["report"] = str(rep)
         result["fallbacks"] = [f.reason for f in rep.fallbacks]
+        result["cuda_graphs"] = rep.cuda_graphs
     tokens = spec["seq"] * spec["batch"]
     steady = times[3:] if len(times) > 3 else times
     result.update(
@@ -181,6 +182,8 @@ def worker(spec: dict) -> dict:
         first_step_s=times[0],
         tokens_per_s=tokens / statistics.median(steady),
         peak_gib=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else float("nan"),
+        # what the allocator held (cached blocks and a CUDA graph's private pool included)
+        reserved_gib=(torch.cuda.max_memory_reserved() / 2**30) if device == "cuda" else float("nan"),
     )
     result["mfu"] = result["tokens_per_s"] * flops_per_token(shape, ckpt) / (PEAK_TFLOPS * 1e12)
     return result
@@ -232,7 +235,7 @@ def run_variant(spec: dict, timeout: float) -> dict:
 
 def table(results: list[dict]) -> str:
     rows = [
-        f"{'shape':<10} {'seq x b':>9} {'variant':<8} {'ckpt':<4} {'tok/s':>8} {'ratio':>6} {'peak GiB':>8} "
+        f"{'shape':<10} {'seq x b':>9} {'variant':<11} {'ckpt':<4} {'tok/s':>8} {'ratio':>6} {'peak GiB':>8} "
         f"{'MFU':>5} {'host ms':>7} {'loss0':>8} {'dloss max':>9}"
     ]
     for r in results:
@@ -241,7 +244,7 @@ def table(results: list[dict]) -> str:
             (b for b in results if b["variant"] == "hf" and (b["shape"], b["seq"], b["batch"], b["checkpointing"]) == key and "error" not in b),
             None,
         )  # fmt: skip
-        head = f"{r['shape']:<10} {r['seq']:>5}x{r['batch']:<3} {r['variant']:<8} {'yes' if r['checkpointing'] else 'no':<4}"
+        head = f"{r['shape']:<10} {r['seq']:>5}x{r['batch']:<3} {r['variant']:<11} {'yes' if r['checkpointing'] else 'no':<4}"
         if "error" in r:
             rows.append(f"{head} ERROR {r['error']}")
             continue
@@ -265,7 +268,9 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, help="fewer decoder layers (with a short --seq: the host's cost per layer, GPU idle)"
     )
-    parser.add_argument("--variants", default="hf,graft", help="comma list of hf, hf_kbit, liger, graft")
+    parser.add_argument(
+        "--variants", default="hf,graft", help="comma list of hf, hf_kbit, liger, graft, graft_eager (no CUDA graphs)"
+    )
     parser.add_argument("--checkpointing", default="both", choices=["yes", "no", "both"])
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per variant")
     parser.add_argument("--out", help="write all results as JSON here")

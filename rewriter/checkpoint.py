@@ -21,8 +21,45 @@ import torch.utils.checkpoint
 from torch.fx import Node
 
 
-def run_checkpointed(region: torch.fx.GraphModule, *args: Any) -> Any:
-    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, preserve_rng_state=True)
+def run_checkpointed(region: torch.fx.GraphModule, random: bool, *args: Any) -> Any:
+    # The RNG state is saved and restored only for a region that draws random numbers: it costs
+    # host time, and reading the CUDA generator's state is not allowed inside a CUDA graph capture.
+    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, preserve_rng_state=random)
+
+
+_SAMPLERS = {"bernoulli", "normal", "uniform", "multinomial", "poisson", "exponential", "geometric", "cauchy"}
+
+
+def draws_random_numbers(nodes: Sequence[Node]) -> bool:
+    """Might these nodes draw random numbers? Conservative: a dropout-like call counts unless its
+    rate is a literal 0, SDPA counts when its dropout_p is not a literal 0, and so does a call
+    given (or closing over) an object that declares a positive dropout (our LoRA nodes'
+    projections)."""
+    for n in nodes:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        name = getattr(n.target, "__name__", str(n.target)).lower()
+        values = [*n.args, *n.kwargs.values()]
+        if "scaled_dot_product_attention" in name:
+            p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+            if p != 0.0:
+                return True
+        elif "dropout" in name or name.startswith("rand") or name.rstrip("_") in _SAMPLERS:
+            p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else None)
+            if not (isinstance(p, float) and p == 0.0):
+                return True
+        cells = [_contents(c) for c in getattr(n.target, "__closure__", None) or ()]
+        leaves = torch.utils._pytree.tree_leaves([values, cells])
+        if any(isinstance(getattr(v, "dropout", None), float) and v.dropout > 0 for v in leaves):
+            return True
+    return False
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def checkpoint_regions(
@@ -80,7 +117,7 @@ def _collapse(gm, graph: torch.fx.Graph, nodes: list[Node], name: str, index: in
     region = torch.fx.GraphModule(gm, sub)
     with graph.inserting_before(nodes[0]):
         module = graph.get_attr(_attr(name))
-        call = graph.call_function(run_checkpointed, (module, *inputs))
+        call = graph.call_function(run_checkpointed, (module, draws_random_numbers(nodes), *inputs))
         items = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
     for out, item in zip(outputs, items):
         item.meta = dict(out.meta)

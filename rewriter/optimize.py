@@ -23,6 +23,7 @@ import patterns as _builtin_pattern_files  # noqa: F401  (importing registers th
 from rewriter import capture, registry
 from rewriter.capture import compile_with, graph_break_reasons, wrap_mask_builders
 from rewriter.checkpoint import checkpoint_regions
+from rewriter.cuda_graphs import Replayer
 from rewriter.match import Match, Pattern, find_matches
 from rewriter.module_match import ModulePattern
 from rewriter.replace import rewrite
@@ -91,10 +92,13 @@ def optimize(
     verify: bool = True,
     strict: bool = False,
     patterns: Sequence[str | Pattern | ModulePattern] | None = None,
+    cuda_graphs: bool = True,
 ) -> torch.nn.Module:
     """Rewrite `model` (a Hugging Face causal LM, plain or PEFT-wrapped) to train through
     graft's kernels, verify it on `sample` (a batch dict; one is made from the config if
-    None) and return the same model object. See `report(model)` for what happened."""
+    None) and return the same model object. With `cuda_graphs`, training steps on CUDA are
+    replayed from captured CUDA graphs where rewriter/cuda_graphs.py allows it. See
+    `report(model)` for what happened."""
     hf = _causal_lm(model)
     model_type = getattr(getattr(hf, "config", None), "model_type", None) or type(hf).__name__
     rep = RewriteReport(model_type=model_type, verify=verify)
@@ -111,7 +115,7 @@ def optimize(
         _finish(rep, strict)
         return model
     rep.patterns = [p.name for p in chosen]
-    session = _Session(hf, chosen, rep, verify, strict)
+    session = _Session(hf, chosen, rep, verify, strict, cuda_graphs)
     batch = dict(sample) if sample is not None else synthesize_sample(hf)
     rep.sample_tokens = int(batch["input_ids"].numel()) if "input_ids" in batch else 0
     session.first_call(model, batch)
@@ -169,29 +173,48 @@ class _RewrittenGraph:
 
     def __init__(self, session: _Session, gm: torch.fx.GraphModule, matches: list[Match]):
         self.session, self.original, self.matches = session, gm, matches
+        self.replayer = session.replayer()
         self.rebuild()
 
     def rebuild(self) -> None:
         keep = [m for m in self.matches if self.session.decisions.get(m.key, False)]
         self.current = rewrite(self.original, keep)
         self.checkpointed: dict[tuple[str, ...], torch.fx.GraphModule] = {}
+        if self.replayer is not None:
+            self.replayer.release()
 
     def __call__(self, *args: Any) -> Any:
         self.session.ran = True
-        layers = self.session.checkpoint_layers
+        fn = self._runnable(self.session.checkpoint_layers)
+        if self.replayer is None or self.session.verifying:
+            return fn(*args)
+        return self.replayer(fn, args)
+
+    def _runnable(self, layers: tuple[str, ...]) -> torch.fx.GraphModule:
         if not layers:
-            return self.current(*args)
+            return self.current
         if layers not in self.checkpointed:
             gm, skipped = checkpoint_regions(self.current, self.session.layer_of, layers)
             for why in skipped:
                 self.session.report.add_fallback("checkpoint", None, why)
             self.checkpointed[layers] = gm
-        return self.checkpointed[layers](*args)
+        return self.checkpointed[layers]
 
 
 class _Session:
-    def __init__(self, hf: torch.nn.Module, patterns: list[Pattern], rep: RewriteReport, verify: bool, strict: bool):
+    def __init__(
+        self,
+        hf: torch.nn.Module,
+        patterns: list[Pattern],
+        rep: RewriteReport,
+        verify: bool,
+        strict: bool,
+        cuda_graphs: bool,
+    ):
         self.hf, self.patterns, self.report, self.verify, self.strict = hf, patterns, rep, verify, strict
+        self.cuda_graphs = cuda_graphs
+        self.verifying = False  # first_call: no CUDA graph is captured for the sample
+        rep.cuda_graphs = "not yet: a training step's second call with one shape captures" if cuda_graphs else "off"
         self.decisions: dict[tuple[str, str, int], bool] = {}
         self.graphs: list[_RewrittenGraph] = []
         self.module_of = _ModuleIndex(hf)
@@ -317,6 +340,22 @@ class _Session:
         self.graphs.append(graph)
         return graph
 
+    def replayer(self) -> Replayer | None:
+        """A CUDA-graph replayer for one captured graph (None when turned off)."""
+        if not self.cuda_graphs:
+            return None
+        owned = {id(t) for t in self.hf.parameters()} | {id(t) for t in self.hf.buffers()}
+
+        def status(line: str, failed: bool) -> None:
+            self.report.cuda_graphs = line
+            if failed:
+                self.report.add_fallback("cuda_graphs", None, line.removeprefix("off: "))
+                if self.strict:
+                    raise GraftError(f"graft: CUDA graphs {line}")
+
+        loss_bounds = {dtype: bounds[0] for dtype, bounds in WHOLE_MODEL_BOUNDS.items()}
+        return Replayer(lambda t: id(t) in owned, status, loss_bounds)
+
     # -- verifying -------------------------------------------------------------------------
     def first_call(self, model: torch.nn.Module, sample: dict[str, Any]) -> None:
         """Capture (and verify) on the sample, through the user's own model object (a PEFT
@@ -326,6 +365,7 @@ class _Session:
         self.hf.train()
         params = [(n, p) for n, p in self.hf.named_parameters() if p.requires_grad]
         stashed = {n: p.grad for n, p in params}
+        self.verifying = True
         try:
             if not self.verify:
                 with torch.random.fork_rng(devices=_cuda_devices(self.hf)), torch.enable_grad():
@@ -340,6 +380,7 @@ class _Session:
                 check = self._revert_culprit(model, reference, spread, sample, params, check)
             self.report.whole_model = check
         finally:
+            self.verifying = False
             for n, p in params:
                 p.grad = stashed[n]
             self.hf.train(was_training)

@@ -63,6 +63,7 @@ class RewriteReport:
     verify: bool = True
     checkpointing: str = "off"  # activation checkpointing of the rewritten graph
     masks: str = "traced"  # how the graph gets its attention masks (rewriter/capture.py)
+    cuda_graphs: str = "off"  # whether training steps replay CUDA graphs (rewriter/cuda_graphs.py)
 
     def counts(self) -> dict[str, int]:
         """Pattern name -> replacements in effect (every pattern of the set, zeros included)."""
@@ -120,6 +121,7 @@ class RewriteReport:
             f"graft rewrite report: model_type={self.model_type!r}, {self.graphs} graph(s), "
             f"{breaks} graph break(s), {status}, checkpointing {self.checkpointing}",
             f"  attention masks: {self.masks}",
+            f"  cuda graphs: {self.cuda_graphs}",
         ]
         if self.matches:
             lines.append(

@@ -1,0 +1,260 @@
+"""CUDA graphs: a rewritten graph's forward and backward replayed as two captured CUDA graphs.
+
+Why: at 4096 tokens the 8B QLoRA step is host-bound. The host needs ~245 ms to issue ~270 ms of
+GPU work (benchmarks/RESULTS.md): Python, autograd and a few thousand kernel launches. Replayed,
+a step costs the host two graph launches and the copies of the new batch into the graph's
+inputs. Training shapes are static and our nodes never sync with the host, so a step can be
+captured once and replayed.
+
+When (else the graph runs eagerly, and the report says why): on CUDA, with every graph input a
+tensor or an int (an int is fixed per capture), no autocast, torch.distributed not initialized
+(DDP and FSDP overlap gradient communication with backward through per-parameter hooks; a
+replayed backward hands every gradient over at its end), and the same input signature (shapes,
+strides, dtypes, requires_grad, ints) on two calls in a row: the first runs eagerly, so Triton
+has compiled and cuBLAS has chosen its algorithms before the capture. One capture per graph is
+kept; a new signature releases the old one's memory.
+
+Capture and check: the eager allocator's cached blocks are released first (the graph's private
+pool takes the step's activations; both would otherwise stay reserved), the forward is captured,
+then the backward as torch.autograd.grad of the outputs with respect to every input that needs
+a gradient, into the same pool. The first replay's outputs are compared with an eager forward of
+the same batch (no_grad); if they differ beyond the loss bound of their dtype the capture is
+dropped and the graph runs eagerly from then on (a fallback in the report).
+
+What a replay keeps safe:
+- Inputs owned by the model (parameters, buffers) are read in place; others (the batch) are
+  copied into buffers of the capture's own, so the user's tensors are never written.
+- Outputs and gradients are returned as fresh clones: a later replay never changes a tensor a
+  caller holds, nor a gradient being accumulated over several steps.
+- Activations live in the pool until backward. While a replayed forward waits for its backward,
+  another forward runs eagerly (e.g. two forwards before one backward); a backward through a
+  step that a later replay has overwritten raises instead of returning wrong gradients.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+Signature = tuple[Any, ...]
+
+
+def why_not(args: Sequence[Any]) -> str | None:
+    """Why a call with these graph inputs cannot be replayed (None if it can)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    odd = {type(a).__name__ for a in args if not isinstance(a, (torch.Tensor, int))}
+    if odd:
+        return f"a graph input is a {', '.join(sorted(odd))} (only tensors and ints are fixed per capture)"
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return "the graph's inputs are not all on a CUDA device"
+    if len({t.device for t in tensors}) > 1:
+        return "the graph's inputs are on several devices"
+    if torch.is_autocast_enabled("cuda"):
+        return "autocast is on"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return (
+            "torch.distributed is initialized (DDP/FSDP overlap gradient communication with backward "
+            "per parameter; a replayed backward returns every gradient at its end)"
+        )
+    return None
+
+
+def signature(fn: Callable[..., Any], args: Sequence[Any]) -> Signature:
+    return (id(fn),) + tuple(
+        (tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
+
+
+@dataclass(eq=False)
+class _Capture:
+    forward_graph: torch.cuda.CUDAGraph
+    backward_graph: torch.cuda.CUDAGraph
+    positions: list[int]  # which graph inputs are tensors (the others are ints, fixed)
+    inputs: list[torch.Tensor]  # the captured graph reads these
+    outputs: list[Any]  # flat outputs of the captured forward (tensors or constants)
+    spec: pytree.TreeSpec
+    grad_outputs: list[torch.Tensor | None]  # backward reads the incoming gradients here
+    grad_inputs: list[torch.Tensor | None]  # and writes the inputs' gradients here
+    generation: int = 0  # forward replays so far
+    pending: bool = False  # a replayed forward waits for its backward
+
+
+class _Token:
+    """Lives as long as one replayed step's autograd graph (dropped without backward: not pending)."""
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, capture: _Capture, *inputs: torch.Tensor):
+        for static, new in zip(capture.inputs, inputs):
+            if static.data_ptr() != new.data_ptr():
+                static.copy_(new)
+        capture.forward_graph.replay()
+        capture.generation += 1
+        capture.pending = True
+        ctx.capture, ctx.generation = capture, capture.generation
+        ctx.token = _Token()
+        weakref.finalize(ctx.token, _dropped, weakref.ref(capture), capture.generation)
+        ctx.set_materialize_grads(False)
+        outs = [o.clone() for o in capture.outputs if isinstance(o, torch.Tensor)]
+        ctx.mark_non_differentiable(*[o for o, s in zip(outs, _tensors(capture.outputs)) if not s.requires_grad])
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):
+        capture = ctx.capture
+        if ctx.generation != capture.generation or not capture.pending:
+            raise RuntimeError(
+                "graft: backward through a step replayed from a CUDA graph whose activations a later "
+                "step has overwritten (or a second backward); pass cuda_graphs=False to optimize()"
+            )
+        for static, g in zip(capture.grad_outputs, grads):
+            if static is None:
+                continue
+            if g is None:
+                static.zero_()
+            elif static.data_ptr() != g.data_ptr():
+                static.copy_(g)
+        capture.backward_graph.replay()
+        capture.pending = False
+        # clones: autograd would adopt a returned buffer as a parameter's .grad, and the next
+        # replay would then overwrite gradients being accumulated
+        return (None, *[g.clone() if g is not None else None for g in capture.grad_inputs])
+
+
+def _dropped(capture_ref: weakref.ref, generation: int) -> None:
+    capture = capture_ref()
+    if capture is not None and capture.generation == generation:
+        capture.pending = False
+
+
+def _tensors(values: Sequence[Any]) -> list[torch.Tensor]:
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+class Replayer:
+    """Runs `fn(*args)` (a rewritten graph) eagerly or from its captured CUDA graphs (module
+    docstring). `owned(t)` says whether a graph input belongs to the model (read in place);
+    `status(line, failure)` is told what happens, for the report."""
+
+    def __init__(
+        self,
+        owned: Callable[[torch.Tensor], bool],
+        status: Callable[[str, bool], None],
+        loss_bounds: dict[torch.dtype, float],
+    ):
+        self.owned, self.status, self.loss_bounds = owned, status, loss_bounds
+        self.capture: _Capture | None = None
+        self.captured_signature: Signature | None = None
+        self.last_signature: Signature | None = None
+        self.disabled: str | None = None
+        self.calls = 0
+
+    def __call__(self, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
+        self.calls += 1
+        why = self.disabled or why_not(args)
+        if why is not None:
+            self.status(f"off: {why}", False)
+            return fn(*args)
+        sig = signature(fn, args)
+        if self.capture is not None and sig == self.captured_signature:
+            if self.capture.pending:  # a replayed forward still waits for its backward
+                return fn(*args)
+            return self._replay(args)
+        seen_before, self.last_signature = self.last_signature == sig, sig
+        if not seen_before or (self.capture is not None and self.capture.pending):
+            return fn(*args)
+        self.release()
+        return self._capture_and_check(fn, args, sig)
+
+    def release(self) -> None:
+        """Drop the capture (its pool is freed with it)."""
+        if self.capture is not None:
+            self.capture = self.captured_signature = None
+            torch.cuda.empty_cache()
+
+    def _replay(self, args: Sequence[Any]) -> Any:
+        c = self.capture
+        outs = iter(_Replay.apply(c, *[args[i] for i in c.positions]))
+        flat = [next(outs) if isinstance(o, torch.Tensor) else o for o in c.outputs]
+        return pytree.tree_unflatten(flat, c.spec)
+
+    def _capture_and_check(self, fn: Callable[..., Any], args: Sequence[Any], sig: Signature) -> Any:
+        with torch.no_grad():
+            reference = [t.detach().clone() for t in _tensors(pytree.tree_leaves(fn(*args)))]
+        try:
+            self.capture, self.captured_signature = _capture(fn, args, self.owned), sig
+        except Exception as exc:  # e.g. a host sync inside the graph: run eagerly from now on
+            self.capture = self.captured_signature = None
+            torch.cuda.empty_cache()
+            self.disabled = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            self.status(f"off: {self.disabled}", True)
+            return fn(*args)
+        out = self._replay(args)
+        worst = _worst_difference(reference, _tensors(pytree.tree_leaves(out)), self.loss_bounds)
+        if worst is not None:
+            self.release()
+            self.disabled = f"the first replay differed from eager ({worst})"
+            self.status(f"off: {self.disabled}", True)
+            return fn(*args)
+        self.status(f"on: forward and backward replayed, captured at call {self.calls}", False)
+        return out
+
+
+def _capture(fn: Callable[..., Any], args: Sequence[Any], owned: Callable[[torch.Tensor], bool]) -> _Capture:
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    inputs = []
+    for i in positions:
+        a = args[i]
+        static = a.detach() if owned(a) else a.detach().clone()
+        inputs.append(static.requires_grad_(a.requires_grad))
+    full = list(args)
+    for i, static in zip(positions, inputs):
+        full[i] = static
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the eager step's cached blocks: the pool below takes their place
+    pool = torch.cuda.graph_pool_handle()
+    forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(forward_graph, pool=pool, capture_error_mode="thread_local"):
+        outputs, spec = pytree.tree_flatten(fn(*full))
+    differentiable = [o for o in _tensors(outputs) if o.requires_grad]
+    grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in _tensors(outputs)]
+    wanted = [x for x in inputs if x.requires_grad]
+    grads: Sequence[torch.Tensor | None] = [None] * len(wanted)
+    if differentiable and wanted:
+        with torch.cuda.graph(backward_graph, pool=pool, capture_error_mode="thread_local"):
+            grads = torch.autograd.grad(
+                differentiable, wanted, [g for g in grad_outputs if g is not None], allow_unused=True
+            )
+    it = iter(grads)
+    grad_inputs = [next(it) if x.requires_grad else None for x in inputs]
+    return _Capture(forward_graph, backward_graph, positions, inputs, outputs, spec, grad_outputs, grad_inputs)
+
+
+def _worst_difference(
+    reference: list[torch.Tensor], replayed: list[torch.Tensor], bounds: dict[torch.dtype, float]
+) -> str | None:
+    """A description of the first output beyond its bound, or None if all agree."""
+    if len(reference) != len(replayed):
+        return f"{len(replayed)} tensor outputs against {len(reference)}"
+    for i, (a, b) in enumerate(zip(reference, replayed)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"output {i}: {tuple(b.shape)} {b.dtype} against {tuple(a.shape)} {a.dtype}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return f"output {i} differs"
+            continue
+        scale = a.double().norm().item()
+        diff = (a.double() - b.double()).norm().item()
+        rel = diff / scale if scale > 0 else diff
+        bound = bounds.get(a.dtype, min(bounds.values()))
+        if not rel <= bound:
+            return f"output {i}: relative difference {rel:.1e} > {bound:.0e}"
+    return None
