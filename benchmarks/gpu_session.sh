@@ -2,8 +2,8 @@
 # Every GPU measurement the open issues need, in priority order, each bounded so one call of the
 # device tool (10 minutes) returns whatever finished. Run from the repository root on the GPU
 # machine after installing the wheel bundle (../shared/gpu/wheels.sh liger-kernel==0.8.5):
-#   bash benchmarks/gpu_session.sh graphs   # CUDA-graph replay: its GPU tests, then 2048x2 both modes
-#   bash benchmarks/gpu_session.sh long     # issue 6's 16384x1 and Mistral shape
+#   bash benchmarks/gpu_session.sh graphs   # CUDA-graph replay: its GPU tests, 2048x2 both modes, Mistral
+#   bash benchmarks/gpu_session.sh long     # issue 6's 16384x1
 #   bash benchmarks/gpu_session.sh e2e      # issue 6: 8B QLoRA, 2048x2 both modes (profiled), 16384x1
 #   bash benchmarks/gpu_session.sh more     # issue 6's Mistral shape, the LoRA nodes, host cost per layer
 #   bash benchmarks/gpu_session.sh diagnose # the whole-model check on the 8B shape, per pattern set
@@ -17,13 +17,13 @@ run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt
  python3 -c "import torch, triton, transformers, peft, bitsandbytes; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__)") > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 case "${1:-e2e}" in
-  graphs)
-    run tests 100 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
-    run e2e_2048 420 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft,graft_eager --checkpointing both --timeout 120 --profile "$out" --out "$out/e2e_2048.json"
+  graphs)  # CUDA-graph replay: its GPU tests (compiled kernels, not the interpreter), 2048x2, Mistral
+    TRITON_INTERPRET=0 run tests 100 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
+    run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 120 --profile "$out" --out "$out/e2e_2048.json"
+    run e2e_mistral 160 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 100 --out "$out/e2e_mistral.json"
     ;;
   long)
-    run e2e_16k 300 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --profile "$out" --out "$out/e2e_16k.json"
-    run e2e_mistral 250 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft,graft_eager --checkpointing yes --timeout 100 --out "$out/e2e_mistral.json"
+    run e2e_16k 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 160 --verify-tokens 4096 --profile "$out" --out "$out/e2e_16k.json"
     ;;
   e2e)
     run e2e_2048 360 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 170 --profile "$out" --out "$out/e2e_2048.json"

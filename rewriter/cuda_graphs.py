@@ -7,7 +7,7 @@ inputs. Training shapes are static and our nodes never sync with the host, so a 
 captured once and replayed.
 
 When (else the graph runs eagerly, and the report says why): on CUDA, with every graph input a
-tensor or an int (an int is fixed per capture), no autocast, torch.distributed not initialized
+tensor or an int (an int is fixed per capture; Dynamo's guards fix the tensors' metadata), no autocast, torch.distributed not initialized
 (DDP and FSDP overlap gradient communication with backward through per-parameter hooks; a
 replayed backward hands every gradient over at its end), and the same input signature (shapes,
 strides, dtypes, requires_grad, ints) on two calls in a row: the first runs eagerly, so Triton
@@ -22,8 +22,10 @@ the same batch (no_grad); if they differ beyond the loss bound of their dtype th
 dropped and the graph runs eagerly from then on (a fallback in the report).
 
 What a replay keeps safe:
-- Inputs owned by the model (parameters, buffers) are read in place; others (the batch) are
-  copied into buffers of the capture's own, so the user's tensors are never written.
+- Inputs that were the very same tensors on the call before the capture (parameters, buffers,
+  quantization states) are read in place, and a replay checks they still have that storage
+  (else it captures again); the others (the batch) are copied into buffers of the capture's
+  own, so a caller's tensors are never written.
 - Outputs and gradients are returned as fresh clones: a later replay never changes a tensor a
   caller holds, nor a gradient being accumulated over several steps.
 - Activations live in the pool until backward. While a replayed forward waits for its backward,
@@ -45,7 +47,8 @@ Signature = tuple[Any, ...]
 
 
 def why_not(args: Sequence[Any]) -> str | None:
-    """Why a call with these graph inputs cannot be replayed (None if it can)."""
+    """Why a call with these graph inputs cannot be replayed (None if it can); the inputs' part
+    of the answer holds for every call of one signature (Dynamo guards their devices)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     odd = {type(a).__name__ for a in args if not isinstance(a, (torch.Tensor, int))}
     if odd:
@@ -54,6 +57,11 @@ def why_not(args: Sequence[Any]) -> str | None:
         return "the graph's inputs are not all on a CUDA device"
     if len({t.device for t in tensors}) > 1:
         return "the graph's inputs are on several devices"
+    return _why_not_now()
+
+
+def _why_not_now() -> str | None:
+    """The process state that rules replay out for this call."""
     if torch.is_autocast_enabled("cuda"):
         return "autocast is on"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -65,10 +73,10 @@ def why_not(args: Sequence[Any]) -> str | None:
 
 
 def signature(fn: Callable[..., Any], args: Sequence[Any]) -> Signature:
-    return (id(fn),) + tuple(
-        (tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a
-        for a in args
-    )
+    """What a capture is valid for: the graph and its int inputs. Dynamo's guards already fix
+    every tensor input's dtype, device, requires_grad and static sizes and strides, and pass each
+    dynamic size as an int input."""
+    return (id(fn), *(a for a in args if not isinstance(a, torch.Tensor)))
 
 
 @dataclass(eq=False)
@@ -77,12 +85,18 @@ class _Capture:
     backward_graph: torch.cuda.CUDAGraph
     positions: list[int]  # which graph inputs are tensors (the others are ints, fixed)
     inputs: list[torch.Tensor]  # the captured graph reads these
+    copied: list[int]  # indices into inputs: buffers of the capture's own, refilled every replay
     outputs: list[Any]  # flat outputs of the captured forward (tensors or constants)
     spec: pytree.TreeSpec
     grad_outputs: list[torch.Tensor | None]  # backward reads the incoming gradients here
     grad_inputs: list[torch.Tensor | None]  # and writes the inputs' gradients here
     generation: int = 0  # forward replays so far
     pending: bool = False  # a replayed forward waits for its backward
+
+    def reads_in_place(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Do the inputs the graph reads in place still have the storage it captured?"""
+        copied = set(self.copied)
+        return all(i in copied or s.data_ptr() == t.data_ptr() for i, (s, t) in enumerate(zip(self.inputs, tensors)))
 
 
 class _Token:
@@ -92,9 +106,8 @@ class _Token:
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, capture: _Capture, *inputs: torch.Tensor):
-        for static, new in zip(capture.inputs, inputs):
-            if static.data_ptr() != new.data_ptr():
-                static.copy_(new)
+        for i in capture.copied:
+            capture.inputs[i].copy_(inputs[i])
         capture.forward_graph.replay()
         capture.generation += 1
         capture.pending = True
@@ -141,38 +154,38 @@ def _tensors(values: Sequence[Any]) -> list[torch.Tensor]:
 
 class Replayer:
     """Runs `fn(*args)` (a rewritten graph) eagerly or from its captured CUDA graphs (module
-    docstring). `owned(t)` says whether a graph input belongs to the model (read in place);
-    `status(line, failure)` is told what happens, for the report."""
+    docstring). `status(line, failure)` is told what happens, for the report."""
 
-    def __init__(
-        self,
-        owned: Callable[[torch.Tensor], bool],
-        status: Callable[[str, bool], None],
-        loss_bounds: dict[torch.dtype, float],
-    ):
-        self.owned, self.status, self.loss_bounds = owned, status, loss_bounds
+    def __init__(self, status: Callable[[str, bool], None], loss_bounds: dict[torch.dtype, float]):
+        self.status, self.loss_bounds = status, loss_bounds
         self.capture: _Capture | None = None
         self.captured_signature: Signature | None = None
         self.last_signature: Signature | None = None
+        self.last_inputs: list[weakref.ref] = []  # the previous call's tensor inputs
+        self.eligible: dict[Signature, str | None] = {}
         self.disabled: str | None = None
         self.calls = 0
 
     def __call__(self, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
         self.calls += 1
-        why = self.disabled or why_not(args)
+        sig = signature(fn, args)
+        if sig not in self.eligible:
+            self.eligible[sig] = why_not(args)
+        why = self.disabled or self.eligible[sig] or _why_not_now()
         if why is not None:
             self.status(f"off: {why}", False)
             return fn(*args)
-        sig = signature(fn, args)
-        if self.capture is not None and sig == self.captured_signature:
-            if self.capture.pending:  # a replayed forward still waits for its backward
-                return fn(*args)
-            return self._replay(args)
+        if self.capture is not None and sig == self.captured_signature and not self.capture.pending:
+            tensors = [args[i] for i in self.capture.positions]
+            if self.capture.reads_in_place(tensors):
+                return self._replay(tensors)
+            self.release()  # a parameter or constant input moved: capture again
         seen_before, self.last_signature = self.last_signature == sig, sig
+        previous, self.last_inputs = self.last_inputs, [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)]
         if not seen_before or (self.capture is not None and self.capture.pending):
-            return fn(*args)
+            return fn(*args)  # first call of this signature, or a replayed forward waits for its backward
         self.release()
-        return self._capture_and_check(fn, args, sig)
+        return self._capture_and_check(fn, args, sig, [r() for r in previous])
 
     def release(self) -> None:
         """Drop the capture (its pool is freed with it)."""
@@ -180,41 +193,52 @@ class Replayer:
             self.capture = self.captured_signature = None
             torch.cuda.empty_cache()
 
-    def _replay(self, args: Sequence[Any]) -> Any:
+    def _replay(self, tensors: Sequence[torch.Tensor]) -> Any:
         c = self.capture
-        outs = iter(_Replay.apply(c, *[args[i] for i in c.positions]))
+        outs = iter(_Replay.apply(c, *tensors))
         flat = [next(outs) if isinstance(o, torch.Tensor) else o for o in c.outputs]
         return pytree.tree_unflatten(flat, c.spec)
 
-    def _capture_and_check(self, fn: Callable[..., Any], args: Sequence[Any], sig: Signature) -> Any:
+    def _capture_and_check(self, fn: Callable[..., Any], args: Sequence[Any], sig: Signature, previous: list) -> Any:
         with torch.no_grad():
             reference = [t.detach().clone() for t in _tensors(pytree.tree_leaves(fn(*args)))]
         try:
-            self.capture, self.captured_signature = _capture(fn, args, self.owned), sig
+            self.capture, self.captured_signature = _capture(fn, args, previous), sig
         except Exception as exc:  # e.g. a host sync inside the graph: run eagerly from now on
             self.capture = self.captured_signature = None
             torch.cuda.empty_cache()
             self.disabled = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             self.status(f"off: {self.disabled}", True)
             return fn(*args)
-        out = self._replay(args)
+        out = self._replay([args[i] for i in self.capture.positions])
         worst = _worst_difference(reference, _tensors(pytree.tree_leaves(out)), self.loss_bounds)
         if worst is not None:
             self.release()
             self.disabled = f"the first replay differed from eager ({worst})"
             self.status(f"off: {self.disabled}", True)
             return fn(*args)
-        self.status(f"on: forward and backward replayed, captured at call {self.calls}", False)
+        c = self.capture
+        copied = sum(c.inputs[i].numel() * c.inputs[i].element_size() for i in c.copied)
+        self.status(
+            f"on: forward and backward replayed, captured at call {self.calls}; "
+            f"{len(c.copied)} of {len(c.inputs)} inputs copied in per step ({copied / 2**20:.2f} MiB)",
+            False,
+        )
         return out
 
 
-def _capture(fn: Callable[..., Any], args: Sequence[Any], owned: Callable[[torch.Tensor], bool]) -> _Capture:
+def _capture(fn: Callable[..., Any], args: Sequence[Any], previous: Sequence[Any]) -> _Capture:
+    """Inputs that were the very same tensors in the previous call (parameters, buffers, quant
+    states) are read in place; the others (the batch) get buffers of the capture's own, so a
+    replay never writes a caller's tensor."""
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    inputs = []
-    for i in positions:
+    inputs, copied = [], []
+    for k, i in enumerate(positions):
         a = args[i]
-        static = a.detach() if owned(a) else a.detach().clone()
-        inputs.append(static.requires_grad_(a.requires_grad))
+        stable = k < len(previous) and previous[k] is a
+        inputs.append((a.detach() if stable else a.detach().clone()).requires_grad_(a.requires_grad))
+        if not stable:
+            copied.append(k)
     full = list(args)
     for i, static in zip(positions, inputs):
         full[i] = static
@@ -235,7 +259,7 @@ def _capture(fn: Callable[..., Any], args: Sequence[Any], owned: Callable[[torch
             )
     it = iter(grads)
     grad_inputs = [next(it) if x.requires_grad else None for x in inputs]
-    return _Capture(forward_graph, backward_graph, positions, inputs, outputs, spec, grad_outputs, grad_inputs)
+    return _Capture(forward_graph, backward_graph, positions, inputs, copied, outputs, spec, grad_outputs, grad_inputs)
 
 
 def _worst_difference(

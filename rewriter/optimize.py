@@ -344,7 +344,6 @@ class _Session:
         """A CUDA-graph replayer for one captured graph (None when turned off)."""
         if not self.cuda_graphs:
             return None
-        owned = {id(t) for t in self.hf.parameters()} | {id(t) for t in self.hf.buffers()}
 
         def status(line: str, failed: bool) -> None:
             self.report.cuda_graphs = line
@@ -354,7 +353,7 @@ class _Session:
                     raise GraftError(f"graft: CUDA graphs {line}")
 
         loss_bounds = {dtype: bounds[0] for dtype, bounds in WHOLE_MODEL_BOUNDS.items()}
-        return Replayer(lambda t: id(t) in owned, status, loss_bounds)
+        return Replayer(status, loss_bounds)
 
     # -- verifying -------------------------------------------------------------------------
     def first_call(self, model: torch.nn.Module, sample: dict[str, Any]) -> None:
