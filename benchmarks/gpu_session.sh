@@ -18,7 +18,7 @@ run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt
 cat "$out/env.txt"
 case "${1:-e2e}" in
   graphs)  # CUDA-graph replay: its GPU tests (compiled kernels, not the interpreter), 2048x2, Mistral
-    TRITON_INTERPRET=0 run tests 100 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
+    run tests 100 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
     run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 120 --profile "$out" --out "$out/e2e_2048.json"
     run e2e_mistral 160 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 100 --out "$out/e2e_mistral.json"
     ;;
