@@ -3,7 +3,8 @@
 The "8B QLoRA" workload of ../shared/reference.md section 1: random weights (seed 0) quantized
 to NF4 with double quantization and bf16 compute, PEFT LoRA r=16, alpha=16, dropout 0 on
 q,k,v,o,gate,up,down, AdamW lr 1e-4, random token batches (ids 3..vocab-1, labels = ids).
-Median step time over steps 3..8; peak = torch.cuda.max_memory_allocated over the steps; host
+Median step time over steps 3..8; peak = torch.cuda.max_memory_allocated over the steps (graft's
+optimize(), which verifies against the original model, is reported apart as optimize_peak_gib); host
 ms = the median time for the host to issue a step (forward, backward, optimizer) before it waits
 for the loss: near the step time when the host, not the GPU, is the limit.
 Each variant runs in its own process (a driver spawns workers), so peaks do not mix.
@@ -143,8 +144,12 @@ def worker(spec: dict) -> dict:
             # verify on a prefix (16k tokens of float64 checks take minutes); training at the
             # full length then compiles once more and reuses the verified decisions
             sample = {k: v[:1, : spec["verify_tokens"]] if torch.is_tensor(v) else v for k, v in sample.items()}
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         optimize(model, sample=sample, cuda_graphs=variant != "graft_eager")
         result["optimize_s"] = time.perf_counter() - t0
+        if device == "cuda":  # capture and verification, before training (not in peak_gib)
+            result["optimize_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         rep = report(model)
         result["counts"] = rep.counts()
         result["verified"] = rep.verified
