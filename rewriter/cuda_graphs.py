@@ -6,7 +6,8 @@ a step costs the host two graph launches and the copies of the new batch into th
 inputs. Training shapes are static and our nodes never sync with the host, so a step can be
 captured once and replayed.
 
-When (else the graph runs eagerly, and the report says why): on CUDA, with every graph input a
+When (else the graph runs eagerly, and the report says why): no random numbers drawn in the
+graph (dropout), on CUDA, with every graph input a
 tensor or an int (an int is fixed per capture; Dynamo's guards fix the tensors' metadata), no autocast, torch.distributed not initialized
 (DDP and FSDP overlap gradient communication with backward through per-parameter hooks; a
 replayed backward hands every gradient over at its end), and the same input signature (shapes,
@@ -41,14 +42,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree
+
+from rewriter.checkpoint import draws_random_numbers
 
 Signature = tuple[Any, ...]
 
 
-def why_not(args: Sequence[Any]) -> str | None:
-    """Why a call with these graph inputs cannot be replayed (None if it can); the inputs' part
-    of the answer holds for every call of one signature (Dynamo guards their devices)."""
+def why_not(fn: Callable[..., Any], args: Sequence[Any]) -> str | None:
+    """Why a call of this graph with these inputs cannot be replayed (None if it can); all but
+    the process state holds for every call of one signature (Dynamo guards the devices)."""
+    graphs = [m for m in fn.modules() if isinstance(m, torch.fx.GraphModule)] if isinstance(fn, torch.nn.Module) else []
+    if any(draws_random_numbers(list(g.graph.nodes)) for g in graphs):
+        # our LoRA dropout saves the generator state on the host to replay its mask in backward;
+        # a capture would fix that state, and every replay's backward would use a stale mask
+        return "the graph draws random numbers (dropout)"
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     odd = {type(a).__name__ for a in args if not isinstance(a, (torch.Tensor, int))}
     if odd:
@@ -170,7 +179,7 @@ class Replayer:
         self.calls += 1
         sig = signature(fn, args)
         if sig not in self.eligible:
-            self.eligible[sig] = why_not(args)
+            self.eligible[sig] = why_not(fn, args)
         why = self.disabled or self.eligible[sig] or _why_not_now()
         if why is not None:
             self.status(f"off: {why}", False)
