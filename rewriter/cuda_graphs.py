@@ -1,19 +1,18 @@
 """CUDA graphs: a rewritten graph's forward and backward replayed as two captured CUDA graphs.
 
-Why: at 4096 tokens the 8B QLoRA step is host-bound. The host needs ~245 ms to issue ~270 ms of
-GPU work (benchmarks/RESULTS.md): Python, autograd and a few thousand kernel launches. Replayed,
-a step costs the host two graph launches and the copies of the new batch into the graph's
-inputs. Training shapes are static and our nodes never sync with the host, so a step can be
-captured once and replayed.
+Why: at 4096 tokens the 8B QLoRA step was host-bound: the host needed ~245 ms to issue ~270 ms
+of GPU work (Python, autograd, a few thousand kernel launches). Replayed, a step costs the host
+two graph launches and the copy of the new batch into the graph's inputs; measured on the H200
+(benchmarks/RESULTS.md, fourth session) the checkpointed step went from 422 to 386 ms. Training
+shapes are static and our nodes never sync with the host, so a step can be captured and replayed.
 
-When (else the graph runs eagerly, and the report says why): no random numbers drawn in the
-graph (dropout), on CUDA, with every graph input a
-tensor or an int (an int is fixed per capture; Dynamo's guards fix the tensors' metadata), no autocast, torch.distributed not initialized
-(DDP and FSDP overlap gradient communication with backward through per-parameter hooks; a
-replayed backward hands every gradient over at its end), and the same input signature (shapes,
-strides, dtypes, requires_grad, ints) on two calls in a row: the first runs eagerly, so Triton
-has compiled and cuBLAS has chosen its algorithms before the capture. One capture per graph is
-kept; a new signature releases the old one's memory.
+When (else the graph runs eagerly, and the report says why): the graph draws no random numbers
+(dropout), its inputs are CUDA tensors and ints (an int is fixed per capture; Dynamo's guards
+fix the tensors' dtypes, devices, requires_grad and static sizes), no autocast, torch.distributed
+not initialized (DDP and FSDP overlap gradient communication with backward through per-parameter
+hooks; a replayed backward hands every gradient over at its end), and the same graph and ints on
+two calls in a row: the first runs eagerly, so Triton has compiled and cuBLAS has chosen its
+algorithms before the capture. One capture per graph is kept; a new signature releases the old.
 
 Capture and check: the eager allocator's cached blocks are released first (the graph's private
 pool takes the step's activations; both would otherwise stay reserved), the forward is captured,
