@@ -50,8 +50,9 @@ Signature = tuple[Any, ...]
 
 
 def why_not(fn: Callable[..., Any], args: Sequence[Any]) -> str | None:
-    """Why a call of this graph with these inputs cannot be replayed (None if it can); all but
-    the process state holds for every call of one signature (Dynamo guards the devices)."""
+    """Why a call of this graph with these inputs cannot be replayed (None if it can). The answer
+    holds for every call of one signature (Dynamo guards the devices); the process state, which
+    can change between calls, is _why_not_now's."""
     graphs = [m for m in fn.modules() if isinstance(m, torch.fx.GraphModule)] if isinstance(fn, torch.nn.Module) else []
     if any(draws_random_numbers(list(g.graph.nodes)) for g in graphs):
         # our LoRA dropout saves the generator state on the host to replay its mask in backward;
@@ -65,7 +66,7 @@ def why_not(fn: Callable[..., Any], args: Sequence[Any]) -> str | None:
         return "the graph's inputs are not all on a CUDA device"
     if len({t.device for t in tensors}) > 1:
         return "the graph's inputs are on several devices"
-    return _why_not_now()
+    return None
 
 
 def _why_not_now() -> str | None:
