@@ -9,11 +9,21 @@ Accuracy: down and grad feed the LoRA gradients, which PEFT computes as fp32 mat
 must be as accurate as an fp32 GEMM. With a bf16 activation X (exact on the tensor cores) the
 fp32 factor is split into three bf16 parts, p = p0 + p1 2^-8 + p2 2^-16 (24 bits, all of p's
 mantissa), and X p = X p0 + (X p1 + X p2 2^-8) 2^-8. Each tensor-core dot covers only one
-block of the reduction (64 terms, a fresh accumulator) and the blocks are summed with ordinary
-round-to-nearest fp32 adds: the H200's tensor cores do not round their fp32 accumulation to
-nearest, so a dot that accumulates over the whole reduction (4096 terms) measured 12x eager's
-error for dB (2026-11-29); bounded to 64 terms, that effect stays below fp32 rounding of the
-sum. fp16 and fp32 activations use exact fp32 dots (fp16 parts would go subnormal).
+block of the reduction (at most 64 terms, a fresh accumulator) and the blocks are summed with
+ordinary round-to-nearest fp32 adds: the H200's tensor cores do not round their fp32
+accumulation to nearest, so a dot that accumulates over the whole reduction (4096 terms)
+measured 12x eager's error for dB (2026-11-29); bounded to 64 terms, that effect stays below
+fp32 rounding of the sum. Triton folds `acc += tl.dot(a, b)` into one accumulation when the
+dot starts from a constant zero, so the fresh accumulators start from a zero passed at run time.
+The parts meet X in one of two ways (CONFIGS' parts):
+  stacked (ranks up to 32): one dot against the parts side by side, [p0 | p1 | p2 | 0], whose
+    columns are each part's block sum; each part's sums are accumulated apart (fp32) and
+    combined once, c0 + (c1 + c2 2^-8) 2^-8. One tensor-core op per block, with the parts in
+    the wide dimension: down is X (BM, BK) @ (BK, 4 R), grad X^T (BK, BM) @ (BM, 4 R).
+  chained (ranks 33-64): three dots into one fresh accumulator per block, p2's first, unscaled
+    parts (p = p0 + p1 + p2 exactly while |p| >= 2^-100), summed into the result per block.
+Either way every part's product is exact and every sum an fp32 one, as before.
+fp16 and fp32 activations use exact fp32 dots (fp16 parts would go subnormal).
 up_add's term is added to a half-precision Y: both fp32 factors are split into two bf16/fp16
 parts, a ~ a0 + a1 2^-S (S = 8 for bf16, 11 for fp16; the scaling keeps the residual out of the
 subnormal range), and the three largest cross terms are kept, far below Y's rounding. An
@@ -37,8 +47,13 @@ so their accuracy is that of the plain products; one launch replaces one per seg
 
 Traffic: down and grad read X once (M K b bytes) plus the small factors; up_add reads and writes
 Y (2 M N b). Both down (over K) and grad (over M) split their reduction across programs until
-the grid fills the GPU: each split writes fp32 partials that are summed in a second,
-deterministic stage.
+the grid has about programs_per_sm programs per SM: each split writes fp32 partials that are
+summed in a second, deterministic stage (a torch sum, or with fused_sum by the last split of
+each block, in split order). grad_and_down computes grad's and down's products of LoRA's
+backward from one read of the gradient D (their two calls read it twice).
+
+Launch parameters live in CONFIGS (and per call, config=...); plan() says what a call will run.
+benchmarks/sweep_lowrank.py times candidates against the defaults and eager PyTorch.
 """
 
 from __future__ import annotations
@@ -47,9 +62,57 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import num_programs_for_reduction, use_triton
+from kernels.runtime import _multiprocessors, num_programs_for_reduction, use_triton
 
 _SHIFT = {torch.bfloat16: 8, torch.float16: 11}
+
+# How the bf16 parts of an fp32 factor meet a bf16 activation on the tensor cores (module docstring)
+_EXACT = tl.constexpr(0)  # no parts: exact fp32 dots (fp16 and fp32 activations)
+_CHAINED = tl.constexpr(1)  # three dots into one fresh accumulator per block
+_STACKED = tl.constexpr(2)  # one dot of the parts stacked side by side, each part summed apart
+
+# Tiles and launch of each op, overridable per call (config=...) or here (the sweep,
+# benchmarks/sweep_lowrank.py, times candidates through the former). programs_per_sm sets how far
+# down and grad split their reduction: until the grid has about that many programs per SM.
+# parts: "stacked", "chained" or "auto" (stacked up to rank 32: a stacked tile at most 128 wide).
+# num_warps None: 4 while the accumulator has at most 8192 entries (64 registers a thread), else 8.
+# fused_sum: the last split of each output block sums the partials (no second launch; arrival
+# counters, one buffer per device and stream, that the kernels leave zeroed).
+# rank64: what changes for ranks 33-64 (a 64-wide factor tile: q|k|v's merged 48); exact: for
+# fp16 and fp32 activations (exact fp32 dots on the CUDA cores: the tiles they had before).
+CONFIGS: dict[str, dict] = {
+    "down": dict(
+        block_m=128,
+        block_k=64,
+        num_warps=None,
+        num_stages=4,
+        programs_per_sm=2.0,
+        parts="auto",
+        fused_sum=False,
+        rank64=dict(num_warps=8, num_stages=3),
+        exact=dict(block_m=64, num_warps=4, num_stages=3, programs_per_sm=4.0),
+    ),
+    "grad": dict(
+        block_m=64,
+        block_k=128,
+        num_warps=None,
+        num_stages=3,
+        programs_per_sm=2.0,
+        parts="auto",
+        fused_sum=False,
+        exact=dict(block_k=64, num_warps=4, programs_per_sm=4.0),
+    ),
+    "up_add": dict(block_m=64, block_n=128, num_warps=4),
+    # a program takes sub blocks of block_k columns (a dot each, for both products) over its rows
+    "grad_and_down": dict(block_m=64, block_k=64, sub=4, num_warps=None, num_stages=3, programs_per_sm=2.0),
+}
+# The tiling down and grad had up to commit 9f0f2e5 (64 x 64 tiles, 4 programs per SM, chained
+# parts; the sweep's "legacy" rows); up_add and grad_and_down have none older than CONFIGS'.
+LEGACY: dict[str, dict] = {
+    op: dict(block_m=64, block_k=64, num_warps=4, num_stages=3, programs_per_sm=4.0, parts="chained", fused_sum=False)
+    for op in ("down", "grad")
+} | {"up_add": dict(CONFIGS["up_add"]), "grad_and_down": dict(CONFIGS["grad_and_down"])}
+MAX_TERMS = 64  # reduction terms one tensor-core dot may cover (block_k of down, block_m of grad)
 
 
 @triton.jit
@@ -61,30 +124,50 @@ def _split2(a, DT: tl.constexpr, SCALE: tl.constexpr):
 
 
 @triton.jit
-def _split3(a, SCALE: tl.constexpr):
-    """a (fp32) = a0 + (a1 + a2 / SCALE) / SCALE exactly, three bf16 parts (SCALE = 2^8)."""
+def _split3(a):
+    """a (fp32) = a0 + (a1 + a2 2^-8) 2^-8 exactly, three bf16 parts."""
     a0 = a.to(tl.bfloat16)
-    rest = (a - a0.to(tl.float32)) * SCALE
+    rest = (a - a0.to(tl.float32)) * 256.0
     a1 = rest.to(tl.bfloat16)
-    a2 = ((rest - a1.to(tl.float32)) * SCALE).to(tl.bfloat16)
+    a2 = ((rest - a1.to(tl.float32)) * 256.0).to(tl.bfloat16)
     return a0, a1, a2
 
 
 @triton.jit
-def _dot_fp32(a, b, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, SCALE: tl.constexpr):
-    """a @ b at fp32 accuracy for one reduction block. With SPLIT, one operand is bf16 (exact
-    on the tensor cores) and the other, fp32, is split in three (the first if SPLIT_FIRST);
-    else both are widened to fp32 (exact fp32 dots)."""
-    # if/else, no early return: Triton compiles what follows a returning branch
-    if SPLIT and SPLIT_FIRST:
-        a0, a1, a2 = _split3(a, SCALE)
-        out = tl.dot(a0, b) + (tl.dot(a1, b) + tl.dot(a2, b) / SCALE) / SCALE
-    elif SPLIT:
-        b0, b1, b2 = _split3(b, SCALE)
-        out = tl.dot(a, b0) + (tl.dot(a, b1) + tl.dot(a, b2) / SCALE) / SCALE
-    else:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return out
+def _split3_unscaled(a):
+    """a (fp32) = a0 + a1 + a2, three bf16 parts, each the rounding of what the others leave
+    (exact while the last part is a normal bf16: |a| >= 2^-100)."""
+    a0 = a.to(tl.bfloat16)
+    rest = a - a0.to(tl.float32)
+    a1 = rest.to(tl.bfloat16)
+    a2 = (rest - a1.to(tl.float32)).to(tl.bfloat16)
+    return a0, a1, a2
+
+
+@triton.jit
+def _combine(c0, c1, c2):
+    """The value of the parts' products, from their sums: c0 + (c1 + c2 2^-8) 2^-8."""
+    return c0 + (c1 + c2 * 0.00390625) * 0.00390625
+
+
+@triton.jit
+def _stack(a0, a1, a2):
+    """[a0 | a1 | a2 | 0]: equal (n, BR) tiles side by side, (n, 4 BR)."""
+    j = tl.join(tl.join(a0, a1), tl.join(a2, tl.zeros_like(a2)))  # [i, r, jj, ii]: part 2 ii + jj
+    return tl.reshape(tl.permute(j, (0, 3, 2, 1)), (a0.shape[0], 4 * a0.shape[1]))
+
+
+@triton.jit
+def _unstack(acc, BR: tl.constexpr):
+    """_combine of the parts' sums (n, 4 BR), side by side as _stack puts them -> (n, BR). Each
+    part is taken out by a sum over one nonzero entry, which is exact; the part's columns of a
+    thread's accumulator are in its own registers, so this is a few adds."""
+    a3 = tl.reshape(acc, (acc.shape[0], 4, BR))
+    part = tl.arange(0, 4)[None, :, None]
+    c0 = tl.sum(tl.where(part == 0, a3, 0.0), axis=1)
+    c1 = tl.sum(tl.where(part == 1, a3, 0.0), axis=1)
+    c2 = tl.sum(tl.where(part == 2, a3, 0.0), axis=1)
+    return _combine(c0, c1, c2)
 
 
 @triton.jit
@@ -99,30 +182,68 @@ def _pick(seg, a0, a1, a2):
 
 
 @triton.jit
+def _sum_splits(PARTIAL, OUT, COUNTER, offsets, mask, split_stride, splits):
+    """The fused second stage: the last of `splits` programs to store its partial block (at
+    PARTIAL + s split_stride + offsets, s < splits) sums the blocks in split order into OUT +
+    offsets, and rezeroes the block's arrival counter. Deterministic: the order is the splits',
+    not the arrivals'."""
+    tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+    arrived = tl.atomic_add(COUNTER, 1, sem="acq_rel")  # release ours, acquire the others'
+    if arrived == splits - 1:
+        total = tl.load(PARTIAL + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(1, splits):
+            total += tl.load(PARTIAL + s * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(OUT + offsets, total, mask=mask)
+        tl.atomic_xchg(COUNTER, 0)
+
+
+@triton.jit
 def _down_kernel(
-    X, P, OUT, M, K, R, b1, b2, s0, s1, s2, splits,
+    X, P, PARTIAL, OUT, COUNTER, M, K, R, b1, b2, s0, s1, s2, zero, splits, chunk,
     sxm, sxk, spr, spk, sos, som, sor,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr,
 ):  # fmt: skip
-    """One (BM, R) block of the rows over one split of one segment's reduction range:
-    OUT[split][:, seg R : seg R + R] (fp32), scaled by the segment's scale."""
+    """One (BM, R) block of the rows over one chunk of one segment's reduction range:
+    PARTIAL[split][:, seg R : seg R + R] (fp32), scaled by the segment's scale. Chunks have one
+    length in every segment (a shorter segment leaves its last splits empty: they write zeros).
+    FUSED: the block's last split also sums them into OUT (_sum_splits)."""
     pid, item = tl.program_id(0), tl.program_id(1)
     seg, split = item // splits, item % splits
     seg_start = _pick(seg, 0, b1, b2)
     seg_end = _pick(seg, b1, b2, K)
-    chunk = tl.cdiv(seg_end - seg_start, splits * BK) * BK
     start = seg_start + split * chunk
     end = tl.minimum(seg_end, start + chunk)
     rm = tl.cast(pid, tl.int64) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
-    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    if PARTS == _STACKED:
+        acc = tl.zeros((BM, 4 * BR), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+    # a zero Triton cannot see: a dot that starts from a constant zero and is added to acc
+    # becomes one tensor-core accumulation over the whole reduction (the error this avoids)
+    fresh = tl.full(acc.shape, zero, tl.float32)
     for k0 in range(start, end, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < end), other=0.0)
         p = tl.load(P + rr[None, :] * spr + rk[:, None] * spk, mask=(rr[None, :] < R) & (rk[:, None] < end), other=0.0)
-        acc += _dot_fp32(x, p.to(tl.float32), SPLIT, False, 256.0)  # one block per dot, summed in fp32
-    out = OUT + split * sos + rm[:, None] * som + (seg * R + rr[None, :]) * sor
-    tl.store(out, acc * _pick(seg, s0, s1, s2), mask=(rm[:, None] < M) & (rr[None, :] < R))
+        p = p.to(tl.float32)
+        if PARTS == _STACKED:  # (BM, BK) @ (BK, 4 BR): each part's block sum, summed apart
+            p0, p1, p2 = _split3(p)
+            acc += tl.dot(x, _stack(p0, p1, p2), fresh)
+        elif PARTS == _CHAINED:  # the three parts' dots into one accumulator, fresh per block
+            p0, p1, p2 = _split3_unscaled(p)
+            acc += tl.dot(x, p0, tl.dot(x, p1, tl.dot(x, p2)))
+        else:
+            acc += tl.dot(x.to(tl.float32), p, input_precision="ieee")
+    if PARTS == _STACKED:
+        out = _unstack(acc, BR)
+    else:
+        out = acc
+    offsets = rm[:, None] * som + (seg * R + rr[None, :]) * sor
+    mask = (rm[:, None] < M) & (rr[None, :] < R)
+    tl.store(PARTIAL + split * sos + offsets, out * _pick(seg, s0, s1, s2), mask=mask)
+    if FUSED:
+        _sum_splits(PARTIAL, OUT, COUNTER + pid * 3 + seg, offsets, mask, sos, splits)
 
 
 @triton.jit
@@ -159,25 +280,126 @@ def _up_add_kernel(
 
 @triton.jit
 def _grad_kernel(
-    X, U, PARTIAL, M, K, R, rows_per_split, b1, b2, s0, s1, s2,
+    X, U, PARTIAL, OUT, COUNTER, M, K, R, rows_per_split, b1, b2, s0, s1, s2, zero,
     sxm, sxk, sum_, sur,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr,
 ):  # fmt: skip
+    """PARTIAL[split][:, block] = s U[rows]^T X[rows, block] (fp32) for one BK block of columns
+    (inside one segment) over one split of the rows. FUSED: the block's last split also sums
+    them into OUT (_sum_splits)."""
     pid_k, split = tl.program_id(0), tl.program_id(1)
     seg = _segment(pid_k * BK, b1, b2)  # blocks never straddle a segment boundary
     rk = tl.cast(pid_k, tl.int64) * BK + tl.arange(0, BK)
     rr = tl.arange(0, BR)
-    acc = tl.zeros((BR, BK), dtype=tl.float32)
     start = split * rows_per_split
-    for m0 in range(start, start + rows_per_split, BM):
+    stop = tl.minimum(M, start + rows_per_split)
+    scale = _pick(seg, s0, s1, s2)
+    if PARTS == _STACKED:  # X^T (BK, BM) @ [u0 | u1 | u2 | 0] (BM, 4 BR): the parts' sums in registers
+        acc = tl.zeros((BK, 4 * BR), dtype=tl.float32)
+        fresh = tl.full(acc.shape, zero, tl.float32)  # as in _down_kernel
+        for m0 in range(start, stop, BM):
+            rm = tl.cast(m0, tl.int64) + tl.arange(0, BM)
+            inside = rm < stop
+            u_ptr = U + rm[:, None] * sum_ + (seg * R + rr[None, :]) * sur
+            u = tl.load(u_ptr, mask=inside[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
+            x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=inside[:, None] & (rk[None, :] < K), other=0.0)
+            u0, u1, u2 = _split3(u)
+            acc += tl.dot(tl.trans(x), _stack(u0, u1, u2), fresh)
+        offsets = rr[None, :] * K + rk[:, None]
+        mask = (rr[None, :] < R) & (rk[:, None] < K)
+        tl.store(PARTIAL + split * R * K + offsets, _unstack(acc, BR) * scale, mask=mask)
+    else:  # U^T (BR, BM) @ X (BM, BK)
+        acc = tl.zeros((BR, BK), dtype=tl.float32)
+        for m0 in range(start, stop, BM):
+            rm = tl.cast(m0, tl.int64) + tl.arange(0, BM)
+            inside = rm < stop
+            u_ptr = U + rm[None, :] * sum_ + (seg * R + rr[:, None]) * sur
+            ut = tl.load(u_ptr, mask=inside[None, :] & (rr[:, None] < R), other=0.0).to(tl.float32)
+            x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=inside[:, None] & (rk[None, :] < K), other=0.0)
+            if PARTS == _CHAINED:  # the three parts' dots into one accumulator, fresh per block
+                u0, u1, u2 = _split3_unscaled(ut)
+                acc += tl.dot(u0, x, tl.dot(u1, x, tl.dot(u2, x)))
+            else:
+                acc += tl.dot(ut, x.to(tl.float32), input_precision="ieee")
+        offsets = rr[:, None] * K + rk[None, :]
+        mask = (rr[:, None] < R) & (rk[None, :] < K)
+        tl.store(PARTIAL + split * R * K + offsets, acc * scale, mask=mask)
+    if FUSED:
+        _sum_splits(PARTIAL, OUT, COUNTER + pid_k, offsets, mask, R * K, tl.num_programs(1))
+
+
+@triton.jit
+def _factor_parts(BT, rk, rr, R, N, sbr, sbn):
+    """[b0 | b1 | b2 | 0] (BK, 4 BR) of the fp32 factor's rows rk (BT is its transpose, (R, N))."""
+    b = tl.load(BT + rr[None, :] * sbr + rk[:, None] * sbn, mask=(rr[None, :] < R) & (rk[:, None] < N), other=0.0)
+    b0, b1, b2 = _split3(b.to(tl.float32))
+    return _stack(b0, b1, b2)
+
+
+@triton.jit
+def _grad_down_kernel(
+    D, U, BT, PARTIAL, GPART, M, N, R, rows_per_split, b1, b2, s0, s1, s2, zero,
+    sdm, sdn, sum_, sur, sbr, sbn,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """_grad_kernel (stacked) and _down_kernel (stacked) over the same tiles of D: one program
+    takes SUB blocks of BK columns (inside one segment) over one split of the rows; it writes
+    PARTIAL[split][:, its columns] as _grad_kernel does, and for each block of rows its columns'
+    share of s D B, GPART[pid_k][rows] (BM, R)."""
+    pid_k, split = tl.program_id(0), tl.program_id(1)
+    n0 = pid_k * (SUB * BK)
+    seg = _segment(n0, b1, b2)  # programs never straddle a segment boundary
+    scale = _pick(seg, s0, s1, s2)
+    rr = tl.arange(0, BR)
+    rk0 = tl.cast(n0, tl.int64) + tl.arange(0, BK)
+    rk1 = rk0 + BK
+    rk2 = rk0 + 2 * BK
+    rk3 = rk0 + 3 * BK
+    bp0 = _factor_parts(BT, rk0, rr, R, N, sbr, sbn)  # the same for every block of rows
+    acc0 = tl.zeros((BK, 4 * BR), dtype=tl.float32)
+    acc1 = tl.zeros((BK, 4 * BR), dtype=tl.float32)
+    acc2 = tl.zeros((BK, 4 * BR), dtype=tl.float32)
+    acc3 = tl.zeros((BK, 4 * BR), dtype=tl.float32)
+    if SUB > 1:
+        bp1 = _factor_parts(BT, rk1, rr, R, N, sbr, sbn)
+    if SUB > 2:
+        bp2 = _factor_parts(BT, rk2, rr, R, N, sbr, sbn)
+        bp3 = _factor_parts(BT, rk3, rr, R, N, sbr, sbn)
+    fresh = tl.full((BK, 4 * BR), zero, tl.float32)  # as in _down_kernel
+    fresh_g = tl.full((BM, 4 * BR), zero, tl.float32)
+    start = split * rows_per_split
+    stop = tl.minimum(M, start + rows_per_split)
+    for m0 in range(start, stop, BM):
         rm = tl.cast(m0, tl.int64) + tl.arange(0, BM)
-        inside = rm < tl.minimum(M, start + rows_per_split)
-        u_ptr = U + rm[None, :] * sum_ + (seg * R + rr[:, None]) * sur
-        ut = tl.load(u_ptr, mask=inside[None, :] & (rr[:, None] < R), other=0.0)
-        x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=inside[:, None] & (rk[None, :] < K), other=0.0)
-        acc += _dot_fp32(ut.to(tl.float32), x, SPLIT, True, 256.0)  # one block per dot
-    out = PARTIAL + split * R * K + rr[:, None] * K + rk[None, :]
-    tl.store(out, acc * _pick(seg, s0, s1, s2), mask=(rr[:, None] < R) & (rk[None, :] < K))
+        inside = rm < stop
+        u_ptr = U + rm[:, None] * sum_ + (seg * R + rr[None, :]) * sur
+        u = tl.load(u_ptr, mask=inside[:, None] & (rr[None, :] < R), other=0.0)
+        u0, u1, u2 = _split3(u.to(tl.float32))
+        up = _stack(u0, u1, u2)
+        d_ptr = D + rm[:, None] * sdm
+        d = tl.load(d_ptr + rk0[None, :] * sdn, mask=inside[:, None] & (rk0[None, :] < N), other=0.0)
+        acc0 += tl.dot(tl.trans(d), up, fresh)
+        g = tl.dot(d, bp0, fresh_g)
+        if SUB > 1:
+            d = tl.load(d_ptr + rk1[None, :] * sdn, mask=inside[:, None] & (rk1[None, :] < N), other=0.0)
+            acc1 += tl.dot(tl.trans(d), up, fresh)
+            g += tl.dot(d, bp1, fresh_g)
+        if SUB > 2:
+            d = tl.load(d_ptr + rk2[None, :] * sdn, mask=inside[:, None] & (rk2[None, :] < N), other=0.0)
+            acc2 += tl.dot(tl.trans(d), up, fresh)
+            g += tl.dot(d, bp2, fresh_g)
+            d = tl.load(d_ptr + rk3[None, :] * sdn, mask=inside[:, None] & (rk3[None, :] < N), other=0.0)
+            acc3 += tl.dot(tl.trans(d), up, fresh)
+            g += tl.dot(d, bp3, fresh_g)
+        g_ptr = GPART + pid_k * M * R + rm[:, None] * R + rr[None, :]
+        tl.store(g_ptr, _unstack(g, BR) * scale, mask=inside[:, None] & (rr[None, :] < R))
+    out = PARTIAL + split * R * N + rr[None, :] * N
+    tl.store(out + rk0[:, None], _unstack(acc0, BR) * scale, mask=(rr[None, :] < R) & (rk0[:, None] < N))
+    if SUB > 1:
+        tl.store(out + rk1[:, None], _unstack(acc1, BR) * scale, mask=(rr[None, :] < R) & (rk1[:, None] < N))
+    if SUB > 2:
+        tl.store(out + rk2[:, None], _unstack(acc2, BR) * scale, mask=(rr[None, :] < R) & (rk2[:, None] < N))
+        tl.store(out + rk3[:, None], _unstack(acc3, BR) * scale, mask=(rr[None, :] < R) & (rk3[:, None] < N))
 
 
 def _kind(dtype: torch.dtype) -> tuple:
@@ -215,11 +437,150 @@ def segment_block(bounds: Segments, largest: int) -> int:
     return block if block >= 16 else 0
 
 
-def down(x: torch.Tensor, p: torch.Tensor, scale=1.0, bounds: Segments = ()) -> torch.Tensor:
+def _config(op: str, config: dict | None, block_r: int = 16, exact: bool = False) -> dict:
+    """CONFIGS[op], then its rank64 entries where the factor tile is 64 wide, its exact entries
+    for exact fp32 dots, then config's (which may replace rank64 and exact too)."""
+    cfg, user = dict(CONFIGS[op]), dict(config or {})
+    special = {key: user.pop(key, cfg.pop(key, {})) for key in ("rank64", "exact")}
+    for key in special:
+        cfg.pop(key, None)
+    unknown = set(user).union(*special.values()) - set(cfg)
+    if unknown:
+        raise ValueError(f"{op}: unknown config keys {sorted(unknown)} (known: {sorted(cfg)})")
+    if block_r > 32:
+        cfg.update(special["rank64"])
+    if exact:
+        cfg.update(special["exact"])
+    cfg.update(user)
+    return cfg
+
+
+def _parts(dtype: torch.dtype, block_r: int, choice: str) -> int:
+    """How the factor's parts meet the activation: exact fp32 dots unless the activation is bf16."""
+    if dtype != torch.bfloat16:
+        return _EXACT.value
+    if choice == "auto":
+        choice = "stacked" if 4 * block_r <= 128 else "chained"
+    if choice not in ("stacked", "chained"):
+        raise ValueError(f"parts must be 'stacked', 'chained' or 'auto', not {choice!r}")
+    return _STACKED.value if choice == "stacked" else _CHAINED.value
+
+
+def _num_warps(choice: int | None, acc_entries: int) -> int:
+    return choice or (4 if acc_entries <= 8192 else 8)
+
+
+def _target_programs(device: torch.device, per_sm: float) -> int:
+    """Programs a split reduction aims for: per_sm per SM on a GPU; on the interpreter a few."""
+    if device.type != "cuda":
+        return num_programs_for_reduction(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, round(per_sm * _multiprocessors(index)))
+
+
+def _check_terms(op: str, block: int) -> None:
+    if not 16 <= block <= MAX_TERMS or block & (block - 1):
+        raise ValueError(f"{op}: a dot covers {block} reduction terms; a power of two in [16, {MAX_TERMS}]")
+
+
+def plan(
+    op: str,
+    m: int,
+    k: int,
+    r: int,
+    bounds: Segments = (),
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+    config: dict | None = None,
+) -> dict:
+    """How down, grad or grad_and_down runs on x (m, k) of `dtype` with rank r per segment: tiles,
+    parts, warps, stages, the split of the reduction and the grid (the sweep prints it by its
+    times). config as the op's."""
+    device = torch.device(device)
+    br = _block_r(r)
+    cfg = _config(op, config, br, exact=dtype != torch.bfloat16)
+    out = dict(block_r=br, num_stages=cfg["num_stages"], parts=_parts(dtype, br, cfg.get("parts", "stacked")))
+    stacked = 4 if out["parts"] == _STACKED.value else 1
+    target = _target_programs(device, cfg["programs_per_sm"])
+    if op == "down":
+        bm, bk = cfg["block_m"], cfg["block_k"]
+        _check_terms(op, bk)
+        m_blocks = triton.cdiv(m, bm)
+        # split the reduction into chunks of one length until the grid fills the GPU (4096 rows
+        # are only 32 row blocks); the splits' fp32 partials are summed in a second pass
+        chunk = triton.cdiv(triton.cdiv(k, max(1, target // m_blocks)), bk) * bk
+        cuts = [0, *bounds, k]
+        splits = max(triton.cdiv(b - a, chunk) for a, b in zip(cuts, cuts[1:]))
+        out.update(chunk=chunk, grid=(m_blocks, len(cuts[1:]) * splits), acc=bm * br * stacked)
+    elif op == "grad":
+        bm, bk = cfg["block_m"], segment_block(bounds, cfg["block_k"])
+        _check_terms(op, bm)
+        if not bk:
+            raise ValueError(f"segment bounds {bounds} are not multiples of 16")
+        k_blocks = triton.cdiv(k, bk)
+        splits = max(1, min(triton.cdiv(m, bm), target // k_blocks))
+        rows = triton.cdiv(triton.cdiv(m, splits), bm) * bm
+        splits = triton.cdiv(m, rows)
+        out.update(rows=rows, grid=(k_blocks, splits), acc=bk * br * stacked)
+    elif op == "grad_and_down":
+        bm, bk = cfg["block_m"], cfg["block_k"]
+        _check_terms(op, bm)
+        _check_terms(op, bk)
+        if cfg["sub"] not in (1, 2, 4):
+            raise ValueError(f"{op}: sub is 1, 2 or 4, not {cfg['sub']}")
+        width = segment_block(bounds, bk * cfg["sub"])
+        if not width:
+            raise ValueError(f"segment bounds {bounds} are not multiples of 16")
+        bk = min(bk, width)
+        k_blocks = triton.cdiv(k, width)
+        splits = max(1, min(triton.cdiv(m, bm), target // k_blocks))
+        rows = triton.cdiv(triton.cdiv(m, splits), bm) * bm
+        splits = triton.cdiv(m, rows)
+        sub = width // bk
+        out.update(rows=rows, grid=(k_blocks, splits), sub=sub, acc=(sub * bk + bm) * br * 4)
+    else:
+        raise ValueError(f"no plan for {op!r}")
+    out.update(block_m=bm, block_k=bk, splits=splits, num_warps=_num_warps(cfg["num_warps"], out.pop("acc")))
+    out["fused_sum"] = bool(cfg.get("fused_sum")) and splits > 1
+    return out
+
+
+def _launch(pl: dict) -> dict:
+    """down's and grad's constexprs and launch options from their plan."""
+    return dict(
+        BM=pl["block_m"],
+        BK=pl["block_k"],
+        BR=pl["block_r"],
+        PARTS=pl["parts"],
+        FUSED=pl["fused_sum"],
+        num_warps=pl["num_warps"],
+        num_stages=pl["num_stages"],
+    )
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """n zeroed int32 arrival counters for a fused second stage, which leaves them zeroed: kept
+    per device and stream (launches in one stream run in order); fresh ones (a memset) while a
+    CUDA graph is being captured, whose memory must not outlive the graph."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def down(
+    x: torch.Tensor, p: torch.Tensor, scale=1.0, bounds: Segments = (), *, config: dict | None = None
+) -> torch.Tensor:
     """scale * x @ p.T in fp32: x (M, K) any float dtype, p (R, K) fp32 (any strides).
     With bounds, K is cut into segments and each gets its own product and scale, side by side:
     out[:, i R : (i + 1) R] = scale_i x[:, seg_i] @ p[:, seg_i].T (LoRA's g_i = s_i D_i B_i for
-    q, k and v at once, from their stacked gradient)."""
+    q, k and v at once, from their stacked gradient). config overrides CONFIGS["down"]."""
     m, k = x.shape
     r = p.shape[0]
     b1, b2, scales, count = _segments(k, bounds, scale)
@@ -229,25 +590,34 @@ def down(x: torch.Tensor, p: torch.Tensor, scale=1.0, bounds: Segments = ()) -> 
         return torch.cat(parts, dim=1)
     if m == 0 or k == 0:
         return torch.zeros((m, count * r), dtype=torch.float32, device=x.device)
-    bm, bk = 64, 64
-    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
-    # split the reduction until the grid fills the GPU (4096 rows are only 64 row blocks);
-    # the splits' fp32 partials are summed in a second, deterministic pass
-    splits = max(1, min(triton.cdiv(k_blocks, count), num_programs_for_reduction(x.device) // (m_blocks * count)))
-    out = torch.empty((splits, m, count * r), dtype=torch.float32, device=x.device)
-    _down_kernel[(m_blocks, count * splits)](
-        x, p, out, m, k, r, b1, b2, *scales, splits, *x.stride(), *p.stride(), *out.stride(),
-        BM=bm, BK=bk, BR=_block_r(r), SPLIT=x.dtype == torch.bfloat16,
+    pl = plan("down", m, k, r, bounds, x.dtype, x.device, config)
+    splits = pl["splits"]
+    partial = torch.empty((splits, m, count * r), dtype=torch.float32, device=x.device)
+    out = torch.empty_like(partial[0]) if pl["fused_sum"] else partial
+    counters = _counters(pl["grid"][0] * 3, x.device) if pl["fused_sum"] else partial
+    _down_kernel[pl["grid"]](
+        x, p, partial, out, counters, m, k, r, b1, b2, *scales, 0.0, splits, pl["chunk"],
+        *x.stride(), *p.stride(), *partial.stride(), **_launch(pl),
     )  # fmt: skip
-    return out[0] if splits == 1 else out.sum(0)
+    if pl["fused_sum"]:
+        return out
+    return partial[0] if splits == 1 else partial.sum(0)
 
 
 def up_add_(
-    y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale=1.0, round_first: bool = False, bounds: Segments = ()
+    y: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scale=1.0,
+    round_first: bool = False,
+    bounds: Segments = (),
+    *,
+    config: dict | None = None,
 ):
     """y += scale * u @ v.T in place: y (M, N), u (M, R) and v (N, R) fp32 (any strides). With
     bounds, N is cut into segments: y[:, seg_i] += scale_i u[:, i R : (i + 1) R] @ v[seg_i].T
-    (q, k and v's LoRA terms into their stacked output at once); no block may straddle a cut."""
+    (q, k and v's LoRA terms into their stacked output at once); no block may straddle a cut.
+    config overrides CONFIGS["up_add"]."""
     m, n = y.shape
     r = v.shape[1]
     b1, b2, scales, count = _segments(n, bounds, scale)
@@ -259,22 +629,32 @@ def up_add_(
                 term = term.to(y.dtype)
             y[:, a:b] = (y[:, a:b].float() + term.float()).to(y.dtype)
         return y
+    cfg = _config("up_add", config)
     dt, sc, exact = _kind(y.dtype)
-    bm, bn = 64, segment_block(bounds, 128)
+    bm, bn = cfg["block_m"], segment_block(bounds, cfg["block_n"])
     if not bn:
         raise ValueError(f"segment bounds {bounds} are not multiples of 16")
     _up_add_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         y, u, v, m, n, r, b1, b2, *scales, *y.stride(), *u.stride(), *v.stride(),
         BM=bm, BN=bn, BR=_block_r(r), DT=dt, SCALE=sc, EXACT=exact, ROUND_FIRST=round_first,
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
     return y
 
 
-def grad(x: torch.Tensor, u: torch.Tensor, scale=1.0, bounds: Segments = (), rank: int | None = None) -> torch.Tensor:
+def grad(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    scale=1.0,
+    bounds: Segments = (),
+    rank: int | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
     """scale * u.T @ x in fp32: x (M, K) any float dtype, u (M, R) fp32 -> (R, K). With bounds,
     K is cut into segments and u holds one rank-`rank` factor per segment, side by side:
     out[:, seg_i] = scale_i u[:, i r : (i + 1) r].T @ x[:, seg_i] (LoRA's dB_i^T for q, k and
-    v at once); no block may straddle a cut."""
+    v at once); no block may straddle a cut. config overrides CONFIGS["grad"]."""
     m, k = x.shape
     r = rank if bounds else u.shape[1]
     b1, b2, scales, count = _segments(k, bounds, scale)
@@ -287,17 +667,58 @@ def grad(x: torch.Tensor, u: torch.Tensor, scale=1.0, bounds: Segments = (), ran
         return torch.cat(parts, dim=1)
     if m == 0:
         return torch.zeros((r, k), dtype=torch.float32, device=x.device)
-    bm, bk = 64, segment_block(bounds, 64)
-    if not bk:
-        raise ValueError(f"segment bounds {bounds} are not multiples of 16")
-    k_blocks = triton.cdiv(k, bk)
-    target = num_programs_for_reduction(x.device)
-    splits = max(1, min(triton.cdiv(m, bm), target // k_blocks))
-    rows = triton.cdiv(triton.cdiv(m, splits), bm) * bm
-    splits = triton.cdiv(m, rows)
+    pl = plan("grad", m, k, r, bounds, x.dtype, x.device, config)
+    splits = pl["splits"]
     partial = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
-    _grad_kernel[(k_blocks, splits)](
-        x, u, partial, m, k, r, rows, b1, b2, *scales, *x.stride(), *u.stride(),
-        BM=bm, BK=bk, BR=_block_r(r), SPLIT=x.dtype == torch.bfloat16,
+    out = torch.empty_like(partial[0]) if pl["fused_sum"] else partial
+    counters = _counters(pl["grid"][0], x.device) if pl["fused_sum"] else partial
+    _grad_kernel[pl["grid"]](
+        x, u, partial, out, counters, m, k, r, pl["rows"], b1, b2, *scales, 0.0, *x.stride(), *u.stride(),
+        **_launch(pl),
     )  # fmt: skip
+    if pl["fused_sum"]:
+        return out
     return partial.sum(0) if splits > 1 else partial[0]  # the scales are applied in the kernel
+
+
+def grad_and_down(
+    d: torch.Tensor,
+    u: torch.Tensor,
+    bt: torch.Tensor,
+    scale=1.0,
+    bounds: Segments = (),
+    rank: int | None = None,
+    *,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad(d, u, scale, bounds, rank), down(d, bt, scale, bounds)) in one pass over d: LoRA's
+    dB^T = s u^T D and g = s D B read the same (M, N) gradient D. bt (R, N) fp32 is B^T (any
+    strides). Each product is computed as its own op computes it (stacked parts, one dot per
+    block of at most 64 terms, blocks summed in fp32), so the results are those two calls'.
+    g's partial sums cost 2 R / (sub block_k) of D's bytes each way (1/8 at the defaults).
+    Other than bf16 on a GPU (or the interpreter), or a rank above 32: the two calls."""
+    m, n = d.shape
+    r = rank if bounds else u.shape[1]
+    if bt.shape != (r, n):
+        raise ValueError(f"bt is {tuple(bt.shape)}, not ({r}, {n})")
+    if not use_triton(d, u, bt) or d.dtype != torch.bfloat16 or _block_r(r) > 32 or m == 0 or n == 0:
+        return grad(d, u, scale, bounds, rank), down(d, bt, scale, bounds)
+    b1, b2, scales, count = _segments(n, bounds, scale)
+    pl = plan("grad_and_down", m, n, r, bounds, d.dtype, d.device, config)
+    (k_blocks, splits), width = pl["grid"], pl["block_k"] * pl["sub"]
+    partial = torch.empty((splits, r, n), dtype=torch.float32, device=d.device)
+    g_partial = torch.empty((k_blocks, m, r), dtype=torch.float32, device=d.device)
+    _grad_down_kernel[pl["grid"]](
+        d, u, bt, partial, g_partial, m, n, r, pl["rows"], b1, b2, *scales, 0.0,
+        *d.stride(), *u.stride(), *bt.stride(),
+        BM=pl["block_m"], BK=pl["block_k"], BR=pl["block_r"], SUB=pl["sub"],
+        num_warps=pl["num_warps"], num_stages=pl["num_stages"],
+    )  # fmt: skip
+    db = partial.sum(0) if splits > 1 else partial[0]
+    if count == 1:
+        return db, g_partial.sum(0)
+    g = torch.empty((m, count * r), dtype=torch.float32, device=d.device)
+    cuts = [0, *bounds, n]  # each segment's blocks of columns, summed in order, into its columns of g
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        torch.sum(g_partial[a // width : triton.cdiv(b, width)], 0, out=g[:, i * r : (i + 1) * r])
+    return db, g

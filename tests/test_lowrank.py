@@ -94,3 +94,142 @@ def test_segments_that_cut_a_block_are_refused():
         lowrank.grad(d, u, 1.0, (50,), rank=8)
     with pytest.raises(ValueError):
         lowrank.down(d, torch.randn(8, 100), (1.0, 2.0), (50, 40))  # out of order
+
+
+# Tile and launch configurations of down and grad, each against fp64: the defaults, what shipped
+# before, and small tiles that make every program loop over several blocks and leave some splits
+# empty (on the interpreter a reduction aims at 4 programs).
+CONFIG_CASES = {
+    "default": ({}, {}),
+    "legacy": (lowrank.LEGACY["down"], lowrank.LEGACY["grad"]),
+    "stacked, small tiles": (
+        dict(block_m=16, block_k=16, parts="stacked", num_stages=2),
+        dict(block_m=16, block_k=16, parts="stacked"),
+    ),
+    "chained, small tiles": (
+        dict(block_m=32, block_k=16, parts="chained"),
+        dict(block_m=16, block_k=32, parts="chained", num_warps=8),
+    ),
+    "fused second stage": (
+        dict(block_m=128, block_k=16, fused_sum=True),
+        dict(block_m=16, block_k=256, fused_sum=True, parts="chained"),
+    ),
+    "stacked, wide tiles": (
+        dict(block_m=256, block_k=32, parts="stacked", num_warps=8),
+        dict(block_m=32, block_k=256, parts="stacked", num_stages=4),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+@pytest.mark.parametrize(
+    "m, k, r, bounds",
+    [(37, 80, 8, ()), (111, 208, 16, ()), (37, 96, 8, (32, 64)), (70, 160, 48, ()), (5, 48, 16, (16,))],
+)
+def test_configs_match_fp64(case, m, k, r, bounds):
+    down_config, grad_config = CONFIG_CASES[case]
+    cuts = [0, *bounds, k]
+    count = len(cuts) - 1
+    scales = (0.75, 2.0, 1.5)[:count] if bounds else 0.75
+    each = scales if bounds else (scales,)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    p = torch.randn(r, k) * 0.05
+    u = torch.randn(m, count * r)
+    g = lowrank.down(x, p, scales, bounds, config=down_config)
+    db = lowrank.grad(x, u, scales, bounds, rank=r, config=grad_config)
+    assert g.shape == (m, count * r) and db.shape == (r, k)
+    for i, (lo, hi, s) in enumerate(zip(cuts, cuts[1:], each)):
+        xi, pi, ui = x[:, lo:hi], p[:, lo:hi], u[:, i * r : (i + 1) * r]
+        assert_close_to_fp64(
+            f"down seg {i}", g[:, i * r : (i + 1) * r], (xi.float() @ pi.t()) * s, (xi.double() @ pi.double().t()) * s
+        )
+        assert_close_to_fp64(
+            f"grad seg {i}", db[:, lo:hi], (ui.t() @ xi.float()) * s, (ui.double().t() @ xi.double()) * s
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_configs_with_exact_dots(dtype):
+    """fp16 and fp32 activations take exact fp32 dots whatever the parts setting."""
+    x = torch.randn(53, 144, dtype=dtype)
+    p, u = torch.randn(16, 144) * 0.05, torch.randn(53, 16)
+    config = dict(block_m=16, block_k=32, parts="stacked")
+    assert_close_to_fp64("down", lowrank.down(x, p, config=config), x.float() @ p.t(), x.double() @ p.double().t())
+    assert_close_to_fp64("grad", lowrank.grad(x, u, config=config), u.t() @ x.float(), u.double().t() @ x.double())
+
+
+def test_up_add_config():
+    y = torch.randn(45, 96, dtype=torch.bfloat16)
+    u, v = torch.randn(45, 32), torch.randn(96, 16) * 0.1
+    ours = lowrank.up_add_(y.clone(), u, v, (0.5, 2.0), bounds=(32,), config=dict(block_m=16, block_n=32, num_warps=8))
+    for lo, hi, ui, s in ((0, 32, u[:, :16], 0.5), (32, 96, u[:, 16:], 2.0)):
+        term = (ui @ v[lo:hi].t()) * s
+        ref = y[:, lo:hi].double() + (ui.double() @ v[lo:hi].double().t()) * s
+        assert_close_to_fp64("up_add", ours[:, lo:hi], (y[:, lo:hi].float() + term).to(y.dtype), ref)
+
+
+def test_configs_that_break_the_accuracy_contract_are_refused():
+    x, p, u = torch.randn(8, 256, dtype=torch.bfloat16), torch.randn(16, 256), torch.randn(8, 16)
+    with pytest.raises(ValueError):
+        lowrank.down(x, p, config=dict(block_k=128))  # one dot over 128 terms
+    with pytest.raises(ValueError):
+        lowrank.grad(x, u, config=dict(block_m=128))
+    with pytest.raises(ValueError):
+        lowrank.grad(x, u, config=dict(block_rows=64))  # unknown key
+    with pytest.raises(ValueError):
+        lowrank.down(x, p, config=dict(parts="tf32"))
+
+
+@pytest.mark.parametrize(
+    "m, n, r, bounds, config",
+    [
+        (37, 80, 8, (), None),
+        (111, 256, 16, (64, 192), None),
+        (70, 160, 16, (32,), dict(block_m=16, block_k=32, sub=2)),
+        (200, 448, 16, (), dict(sub=1, num_warps=4)),
+        (5, 96, 32, (32, 64), dict(block_m=32, block_k=16, sub=4)),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grad_and_down_is_grad_and_down(m, n, r, bounds, config, dtype):
+    """dB^T = s u^T D and g = s D B from one pass over D: each within the fp32 matmul's error of
+    float64, and the same as the two calls (to fp32 rounding of a differently ordered sum)."""
+    cuts = [0, *bounds, n]
+    count = len(cuts) - 1
+    scales = (0.5, 2.0, 1.5)[:count] if bounds else 0.5
+    each = scales if bounds else (scales,)
+    d = torch.randn(m, n, dtype=dtype)
+    u = torch.randn(m, count * r)
+    b = torch.randn(n, r) * 0.05  # the B_i stacked along N
+    db, g = lowrank.grad_and_down(d, u, b.t(), scales, bounds, rank=r, config=config)
+    assert db.shape == (r, n) and g.shape == (m, count * r)
+    for ours, theirs in ((db, lowrank.grad(d, u, scales, bounds, rank=r)), (g, lowrank.down(d, b.t(), scales, bounds))):
+        ulps = (
+            16 * torch.finfo(torch.float32).eps * theirs.abs().max().item()
+        )  # their blocks are summed in another order
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=ulps)
+    for i, (lo, hi, s) in enumerate(zip(cuts, cuts[1:], each)):
+        di, bi, ui = d[:, lo:hi], b[lo:hi], u[:, i * r : (i + 1) * r]
+        assert_close_to_fp64(
+            f"grad seg {i}", db[:, lo:hi], (ui.t() @ di.float()) * s, (ui.double().t() @ di.double()) * s
+        )
+        assert_close_to_fp64(
+            f"down seg {i}", g[:, i * r : (i + 1) * r], (di.float() @ bi) * s, (di.double() @ bi.double()) * s
+        )
+
+
+def test_the_fused_second_stage_leaves_its_counters_zeroed(monkeypatch):
+    """The last split of each block sums the partials and rezeroes the block's arrival counter:
+    the next launch can take the same counters (as on a GPU, where they are kept per stream)."""
+    counters = torch.zeros(4096, dtype=torch.int32)
+    monkeypatch.setattr(lowrank, "_counters", lambda n, device: counters)
+    x, p, u = torch.randn(150, 208, dtype=torch.bfloat16), torch.randn(16, 208) * 0.05, torch.randn(150, 16)
+    down_config, grad_config = dict(block_m=128, block_k=16, fused_sum=True), dict(block_m=16, fused_sum=True)
+    assert lowrank.plan("down", 150, 208, 16, device="cpu", config=down_config)["fused_sum"]
+    assert lowrank.plan("grad", 150, 208, 16, device="cpu", config=grad_config)["fused_sum"]
+    for _ in range(2):
+        g = lowrank.down(x, p, 0.5, config=down_config)
+        db = lowrank.grad(x, u, 0.5, config=grad_config)
+        assert not counters.any()
+        assert_close_to_fp64("down", g, (x.float() @ p.t()) * 0.5, (x.double() @ p.double().t()) * 0.5)
+        assert_close_to_fp64("grad", db, (u.t() @ x.float()) * 0.5, (u.double().t() @ x.double()) * 0.5)
