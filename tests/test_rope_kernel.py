@@ -148,3 +148,130 @@ def test_empty_sequence():
     qo, ko = rope(q, k, cos, sin)
     (qo.sum() + ko.sum()).backward()
     assert qo.shape == q.shape and q.grad.shape == q.shape
+
+
+# Launch settings (module constants) the benchmark's --sweep times: each must give the
+# default's bits. Names as in kernels/rope.py; tiles small enough to loop over head tiles and
+# to take several tokens (with a partial last block) per program.
+LAUNCH_SETTINGS = [
+    dict(LOADS_FIRST=True),
+    dict(LOADS_FIRST=True, TILE_FORWARD=8192, TILE_BACKWARD=256),
+    dict(TILE_FORWARD=128, TILE_BACKWARD=8192, WARPS_FORWARD=2, WARPS_BACKWARD=4),
+    dict(HEAD_GROUPS=2, TILE_FORWARD=256, TILE_BACKWARD=256),
+    dict(HEAD_GROUPS=2, LOADS_FIRST=True, TILE_FORWARD=1024),
+    dict(HEAD_GROUPS=8, LOADS_FIRST=True),
+    dict(HEAD_GROUPS=64),
+    dict(LOADS_FIRST=True, LOADS_FIRST_MAX_TILE=64, TILE_FORWARD=512),  # too many heads: tiles
+]
+
+
+def set_launch(monkeypatch, settings):
+    import kernels.rope as module
+
+    for name, value in settings.items():
+        assert hasattr(module, name), name
+        monkeypatch.setattr(module, name, value)
+
+
+def odd_gqa_inputs(dtype, batch=3, seq=37, heads_q=5, heads_k=3, dim=96):
+    """Projection views, 5 q heads over 3 k heads (groups do not divide them), head_dim 96 (a
+    half of 48 is not a power of two), per-sequence cos/sin with unequal halves."""
+    q = projection_views(batch, seq, heads_q, dim, dtype)
+    k = projection_views(batch, seq, heads_k, dim, dtype)
+    cos = torch.randn(batch, seq, dim, dtype=torch.float64).to(dtype)
+    sin = torch.randn(batch, seq, dim, dtype=torch.float64).to(dtype)
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("settings", LAUNCH_SETTINGS, ids=lambda s: " ".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("shape", [(3, 37, 5, 3, 96), (2, 8, 32, 8, 128)], ids=["odd", "llama-heads"])
+def test_launch_settings_give_the_default_bits(monkeypatch, settings, shape):
+    batch, seq, heads_q, heads_k, dim = shape
+    q, k, cos, sin = odd_gqa_inputs(torch.bfloat16, batch, seq, heads_q, heads_k, dim)
+    dq_out = torch.randn(q.shape, dtype=torch.float64).to(torch.bfloat16)
+    dk_out = torch.randn(k.shape, dtype=torch.float64).to(torch.bfloat16)
+    default = run(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out)
+    set_launch(monkeypatch, settings)
+    for name, ours, theirs in zip(
+        ["q_embed", "k_embed", "dq", "dk"], run(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out), default
+    ):
+        assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_groups_with_loads_first_match_float64(monkeypatch, dtype):
+    set_launch(monkeypatch, dict(HEAD_GROUPS=2, LOADS_FIRST=True, TILE_FORWARD=4096, TILE_BACKWARD=128))
+    check_all(dtype, *odd_gqa_inputs(dtype), label="HEAD_GROUPS=2 LOADS_FIRST")
+
+
+def apply_inplace(q, k, cos, sin):
+    return RoPEFunction.apply(q, k, cos, sin, True)
+
+
+def fresh_views(t):
+    """A private copy of a projection view, in the same layout (in place overwrites it)."""
+    return t.detach().transpose(1, 2).clone().transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("settings", [{}, dict(LOADS_FIRST=True, HEAD_GROUPS=2)], ids=["default", "loads-first"])
+def test_inplace_gives_the_same_bits_in_the_inputs_memory(monkeypatch, dtype, settings):
+    set_launch(monkeypatch, settings)
+    q, k, cos, sin = odd_gqa_inputs(dtype)
+    dq_out = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=torch.float64).to(dtype).transpose(1, 2)
+    dk_out = torch.randn(k.shape[0], k.shape[2], k.shape[1], k.shape[3], dtype=torch.float64).to(dtype).transpose(1, 2)
+    qo, ko, dq, dk = run(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out)
+
+    q2, k2 = fresh_views(q).requires_grad_(), fresh_views(k).requires_grad_()
+    dq_out2, dk_out2 = fresh_views(dq_out), fresh_views(dk_out)  # q's layout: overwritten by dq
+    qo2, ko2 = apply_inplace(q2, k2, cos, sin)
+    assert qo2.data_ptr() == q2.data_ptr() and ko2.data_ptr() == k2.data_ptr()
+    assert torch.equal(q2.detach(), qo) and torch.equal(k2.detach(), ko)  # rotated in place
+    assert torch.equal(qo2.detach(), qo) and torch.equal(ko2.detach(), ko)
+    dq2, dk2 = torch.autograd.grad((qo2, ko2), (q2, k2), (dq_out2, dk_out2))
+    assert torch.equal(dq2, dq) and torch.equal(dk2, dk)
+    assert dq2.data_ptr() == dq_out2.data_ptr() and dk2.data_ptr() == dk_out2.data_ptr()
+
+
+def test_inplace_matches_float64():
+    for dtype in DTYPES:
+        q, k, cos, sin = odd_gqa_inputs(dtype)
+        dq_out = torch.randn(q.shape, dtype=torch.float64).to(dtype)
+        dk_out = torch.randn(k.shape, dtype=torch.float64).to(dtype)
+        ours = run(apply_inplace, fresh_views(q), fresh_views(k), cos, sin, dq_out.clone(), dk_out.clone())
+        eager = run(rope_reference, q, k, cos, sin, dq_out, dk_out)
+        ref = run(rope_fp64, *(t.double() for t in (q, k, cos, sin, dq_out, dk_out)))
+        for name, o, e, r in zip(["q_embed", "k_embed", "dq", "dk"], ours, eager, ref):
+            assert_close_to_fp64(f"{name} {dtype} in place", o, e, r)
+
+
+def test_inplace_backward_keeps_a_gradient_of_another_layout():
+    """dq_embed in (B, H, S, D)-contiguous layout: dq gets a new buffer in q's layout instead."""
+    q, k, cos, sin = odd_gqa_inputs(torch.float32)
+    q, k = fresh_views(q).requires_grad_(), fresh_views(k).requires_grad_()
+    dq_out, dk_out = torch.randn(q.shape), torch.randn(k.shape)  # contiguous: not q's layout
+    kept = dq_out.clone()
+    qo, ko = apply_inplace(q, k, cos, sin)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (dq_out, dk_out))
+    assert torch.equal(dq_out, kept) and dq.stride() == q.stride()
+
+
+def test_inplace_is_caught_where_autograd_saved_the_projection():
+    """The version counter tells autograd: an op that saved q's base fails loudly in backward."""
+    x = torch.randn(2, 9, 4 * 64, requires_grad=True)
+    proj = torch.sigmoid(x)  # saves its output for backward
+    q = proj.view(2, 9, 4, 64).transpose(1, 2)
+    k = fresh_views(projection_views(2, 9, 2, 64, torch.float32)).requires_grad_()
+    cos, sin = torch.randn(1, 9, 64), torch.randn(1, 9, 64)
+    qo, ko = rope(q, k, cos, sin, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (qo.sum() + ko.sum()).backward()
+
+
+def test_inplace_declined_when_cos_and_sin_require_grad():
+    q, k, cos, sin = odd_gqa_inputs(torch.float32)
+    q, k = fresh_views(q), fresh_views(k)
+    kept = q.clone()
+    cos.requires_grad_()
+    qo, _ = apply_inplace(q, k, cos, sin)
+    assert torch.equal(q, kept) and qo.data_ptr() != q.data_ptr()
