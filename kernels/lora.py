@@ -26,6 +26,11 @@ again in backward instead of being kept; the dropout mask is not kept either: th
 state before the forward's dropout is saved and replayed, so the backward rebuilds exactly the
 same x_d (PyTorch's own dropout, so the mask equals the one PEFT would draw).
 
+In bf16 the rank-r terms of y (and of dx) are folded into the base GEMM as extra reduction
+columns where a producer writes the input straight into the wider buffer (kernels/fold.py):
+y is then rounded once, no less accurate than PEFT's three roundings, and up_add's extra read
+and write of y is gone.
+
 Several projections reading the same x (q, k and v) are one node: their weights are stacked so
 forward is one GEMM of N = sum of the N_i, backward's c(D) W one GEMM of K = sum of the N_i
 (above STACKED_WEIGHT_BYTES, e.g. the 8B's gate|up, one dense weight at a time, summed), and
@@ -50,7 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import lowrank, swiglu
+from kernels import fold, lowrank, swiglu
 from kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from kernels.runtime import use_triton
 
@@ -91,15 +96,17 @@ def _replay_dropout(t: torch.Tensor, p: float, state: torch.Tensor) -> torch.Ten
         return F.dropout(t, p, training=True)
 
 
-def _dense_weights(projections: Sequence[Projection], device: torch.device) -> torch.Tensor:
-    """The stacked base weights (sum of N_i, K), each made dense straight into its rows."""
-    if len(projections) == 1:
+def _dense_weights(projections: Sequence[Projection], device: torch.device, extra: int = 0) -> torch.Tensor:
+    """The stacked base weights (sum of N_i, K + extra), each made dense straight into its rows;
+    the extra columns (the LoRA fold's, kernels/fold.py) are left for the caller."""
+    if len(projections) == 1 and not extra:
         return projections[0].weight(None)
     rows = sum(p.out_features for p in projections)
-    stacked = torch.empty((rows, projections[0].in_features), dtype=projections[0].compute_dtype, device=device)
-    for p, part in zip(projections, stacked.split([p.out_features for p in projections])):
+    k = projections[0].in_features
+    wide = torch.empty((rows, k + extra), dtype=projections[0].compute_dtype, device=device)
+    for p, part in zip(projections, wide[:, :k].split([p.out_features for p in projections])):
         p.weight(part)
-    return stacked
+    return wide
 
 
 def _biases(projections: Sequence[Projection], biases, device: torch.device) -> torch.Tensor | None:
@@ -139,63 +146,134 @@ def _segments(projections: Sequence[Projection], As) -> lowrank.Segments | None:
     return bounds
 
 
-def lora_forward(x: torch.Tensor, projections: Sequence[Projection], As, Bs, biases):
-    """Forward of projections sharing x (M, K): outputs (column blocks of one buffer), the u's
-    and the dropout states."""
-    d = x.dtype
-    c = projections[0].compute_dtype
-    y = F.linear(x.to(c), _dense_weights(projections, x.device), _biases(projections, biases, x.device)).to(d)
-    blocks = y.split([p.out_features for p in projections], dim=1)
-    if _merged_rank(projections, As):  # one launch for every x A_i^T
-        u_all = lowrank.down(x, torch.cat(As))
-        us = list(u_all.split([A.shape[0] for A in As], dim=1))
-        bounds = _segments(projections, As)
-        if bounds is not None:  # and one for every y_i += s_i u_i B_i^T
-            scales = [p.scaling for p in projections]
-            lowrank.up_add_(y, u_all, torch.cat(Bs), scales, round_first=projections[0].quantized, bounds=bounds)
-        else:
-            for p, B, y_p, u in zip(projections, Bs, blocks, us):
-                lowrank.up_add_(y_p, u, B, p.scaling, round_first=p.quantized)
-        return list(blocks), us, [None] * len(projections)
-    outputs, us, states = [], [], []
-    for p, A, B, y_p in zip(projections, As, Bs, blocks):
+def fold_columns(projections: Sequence[Projection], As, x_dtype: torch.dtype) -> int:
+    """The extra input columns lora_forward's x_ext needs to fold the LoRA terms into the base
+    GEMM (kernels/fold.py), or 0 where they are added after it."""
+    k = projections[0].in_features
+    return fold.columns(k, [A.shape[0] for A in As], x_dtype, projections[0].compute_dtype)
+
+
+def _downs(x: torch.Tensor, projections: Sequence[Projection], As):
+    """u = [u_1 | ... | u_k] (M, R) fp32, the u_i as its column blocks, the dropout states."""
+    if _merged_rank(projections, As) or len(projections) == 1 and projections[0].dropout == 0:
+        u = lowrank.down(x, torch.cat(As) if len(As) > 1 else As[0])  # one launch for every x A_i^T
+        return u, list(u.split([A.shape[0] for A in As], dim=1)), [None] * len(projections)
+    us, states = [], []
+    for p, A in zip(projections, As):
         state = None
         if p.dropout > 0:
             state = _rng_state(x.device)
-            u = lowrank.down(F.dropout(x.to(A.dtype), p.dropout, training=True), A)
+            us.append(lowrank.down(F.dropout(x.to(A.dtype), p.dropout, training=True), A))
         else:
-            u = lowrank.down(x, A)
-        lowrank.up_add_(y_p, u, B, p.scaling, round_first=p.quantized)
-        outputs.append(y_p)
-        us.append(u)
+            us.append(lowrank.down(x, A))
         states.append(state)
-    return outputs, us, states
+    return None, us, states
+
+
+def lora_forward(x: torch.Tensor, projections: Sequence[Projection], As, Bs, biases, x_ext=None):
+    """Forward of projections sharing x (M, K): outputs (column blocks of one buffer), the u's
+    and the dropout states. With x_ext, x is the first K columns of that (M, K + e) buffer
+    (e = fold_columns(...)) and the LoRA terms are folded into the base GEMM (kernels/fold.py);
+    else they are added after it (lowrank.up_add_, PEFT's cast points)."""
+    d, c, k = x.dtype, projections[0].compute_dtype, x.shape[1]
+    u, us, states = _downs(x, projections, As)
+    widths = [p.out_features for p in projections]
+    bias = _biases(projections, biases, x.device)
+    if x_ext is not None:
+        w = _dense_weights(projections, x.device, extra=x_ext.shape[1] - k)
+        fold.fill_weight(w, Bs, k)
+        fold.fill_input(x_ext, u if u is not None else torch.cat(us, dim=1), [A.shape[0] for A in As],
+                        [p.scaling for p in projections], k)  # fmt: skip
+        return list(F.linear(x_ext, w, bias).split(widths, dim=1)), us, states
+    y = F.linear(x.to(c), _dense_weights(projections, x.device), bias).to(d)
+    blocks = y.split(widths, dim=1)
+    bounds = _segments(projections, As) if u is not None and len(projections) > 1 else None
+    if bounds is not None:  # one launch for every y_i += s_i u_i B_i^T
+        scales = [p.scaling for p in projections]
+        lowrank.up_add_(y, u, torch.cat(Bs), scales, round_first=projections[0].quantized, bounds=bounds)
+    else:
+        for p, B, y_p, u_p in zip(projections, Bs, blocks, us):
+            lowrank.up_add_(y_p, u_p, B, p.scaling, round_first=p.quantized)
+    return list(blocks), us, states
+
+
+def dx_fold_columns(projections: Sequence[Projection], As, dtype: torch.dtype) -> int:
+    """The extra columns of the stacked gradient D that fold dx's rank-r term into the dx GEMM
+    (dx = [D | G0 | G1] [W; Ad; Ad], kernels/fold.py), or 0: only where one G serves every
+    projection (no dropout: its mask applies to each term)."""
+    if any(p.dropout > 0 for p in projections) or len(projections) > 1 and not _merged_rank(projections, As):
+        return 0
+    rows = sum(p.out_features for p in projections)
+    return fold.columns(rows, [A.shape[0] for A in As], dtype, projections[0].compute_dtype)
+
+
+def _dense_rows(projections: Sequence[Projection], device: torch.device, As, extra: int) -> torch.Tensor:
+    """The stacked base weights (sum N_i, K), and with extra the fold's rows [Ad; Ad; 0] after them."""
+    if not extra:
+        return _dense_weights(projections, device)
+    rows = sum(p.out_features for p in projections)
+    w = torch.empty((rows + extra, projections[0].in_features), dtype=projections[0].compute_dtype, device=device)
+    for p, part in zip(projections, w[:rows].split([p.out_features for p in projections])):
+        p.weight(part)
+    fold.fill_rows(w, As, rows)
+    return w
+
+
+def _stacked_gradient(grads, projections, As, stacked, need_stacked: bool):
+    """(D, D_ext): the gradients side by side, and the (M, sum N_i + e) buffer holding D with the
+    dx fold's columns after it, or None. A given `stacked` with more columns than D is such a
+    buffer. Else one is built where the copy is no dearer than what it saves: several gradients
+    are concatenated anyway, and one is copied (2 M N b bytes) only if N < K (the dx term's
+    up_add moves 2 M K b)."""
+    rows = sum(p.out_features for p in projections)
+    if stacked is not None and stacked.shape[1] > rows:
+        return stacked[:, :rows], stacked
+    if stacked is None and (len(grads) > 1 or rows < projections[0].in_features):
+        e = dx_fold_columns(projections, As, grads[0].dtype)
+        if e:
+            wide = torch.empty((grads[0].shape[0], rows + e), dtype=grads[0].dtype, device=grads[0].device)
+            torch.cat(grads, dim=1, out=wide[:, :rows])
+            return wide[:, :rows], wide
+    if stacked is None and need_stacked:
+        stacked = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+    return stacked, None
+
+
+def _base_dx(x, grads, projections, D, D_ext, As, one_at_a_time: bool) -> torch.Tensor:
+    """c(D) W, with the fold's term G Ad when D_ext holds it (into the last GEMM)."""
+    c = projections[0].compute_dtype
+    rows = sum(p.out_features for p in projections)
+    extra = 0 if D_ext is None else D_ext.shape[1] - rows
+    if not one_at_a_time:
+        return ((D if D_ext is None else D_ext).to(c) @ _dense_rows(projections, x.device, As, extra)).to(x.dtype)
+    # gate and up of an MLP: one dense weight at a time (half the peak); the second GEMM
+    # accumulates into the first's result (no (M, K) temporary; one rounding of the sum,
+    # where eager autograd rounds each path's dx and then their sum)
+    dx, start = None, 0
+    for i, (p, grad) in enumerate(zip(projections, grads)):
+        if D_ext is not None and i == len(projections) - 1:  # the last one carries the fold's columns
+            grad, w = D_ext[:, start:], _dense_rows([p], x.device, As, extra)
+        else:
+            w = p.weight(None)
+        dx = grad.to(c) @ w if dx is None else dx.addmm_(grad.to(c), w)
+        start += p.out_features
+    return dx.to(x.dtype)
 
 
 def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, stacked=None):
     """Backward of lora_forward: dx, and dA, dB, db per projection. `stacked` is the grads
-    side by side in one (M, sum N_i) tensor, if the caller already has it."""
-    c = projections[0].compute_dtype
+    side by side in one (M, sum N_i) tensor, if the caller already has it; it may be the first
+    columns of a buffer with dx_fold_columns(...) more, which the fold then fills."""
     rows = sum(p.out_features for p in projections)
     merged = _merged_rank(projections, As)
     bounds = _segments(projections, As) if merged else None
+    c = projections[0].compute_dtype
     one_at_a_time = len(projections) > 1 and rows * projections[0].in_features * c.itemsize > STACKED_WEIGHT_BYTES
-    D = stacked
-    if D is None and (not one_at_a_time or bounds is not None):  # the stacked gradient, where it is used
-        D = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-    if one_at_a_time:
-        # gate and up of an MLP: one dense weight at a time (half the peak); the second GEMM
-        # accumulates into the first's result (no (M, K) temporary; one rounding of the sum,
-        # where eager autograd rounds each path's dx and then their sum)
-        dx = None
-        for p, grad in zip(projections, grads):
-            dx = grad.to(c) @ p.weight(None) if dx is None else dx.addmm_(grad.to(c), p.weight(None))
-        dx = dx.to(x.dtype)
-    else:
-        dx = (D.to(c) @ _dense_weights(projections, x.device)).to(x.dtype)
-    if merged:  # one launch each for every dA_i and every dx term
-        if bounds is not None:  # and for every dB_i and every g_i, from the stacked gradient
-            scales = [p.scaling for p in projections]
+    D, D_ext = _stacked_gradient(grads, projections, As, stacked, not one_at_a_time or bounds is not None)
+    dbs = [grad.sum(0) if bias_grad else None for grad, bias_grad in zip(grads, needs_bias_grad)]
+    if merged or D_ext is not None:  # one G = [g_1 | ... | g_k] for every dA_i and every dx term
+        scales = [p.scaling for p in projections]
+        if bounds is not None:  # one launch for every dB_i and one for every g_i, from D
             dB_all = lowrank.grad(D, torch.cat(us, dim=1), scales, bounds, rank=As[0].shape[0])
             cuts = [0, *bounds, rows]
             dBs = [dB_all[:, a:b].t().to(B.dtype) for a, b, B in zip(cuts, cuts[1:], Bs)]
@@ -204,13 +282,18 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
             dBs = [
                 lowrank.grad(grad, u, p.scaling).t().to(B.dtype) for p, B, u, grad in zip(projections, Bs, us, grads)
             ]
-            G = torch.cat([lowrank.down(grad, B.t(), p.scaling) for p, B, grad in zip(projections, Bs, grads)], dim=1)
+            Gs = [lowrank.down(grad, B.t(), p.scaling) for p, B, grad in zip(projections, Bs, grads)]
+            G = Gs[0] if len(Gs) == 1 else torch.cat(Gs, dim=1)
         dAs = [d.to(A.dtype) for d, A in zip(lowrank.grad(x, G).split([A.shape[0] for A in As]), As)]
+        if D_ext is not None:  # dx's term rides in the dx GEMM (G already carries the scales)
+            fold.fill_input(D_ext, G, [A.shape[0] for A in As], [1.0] * len(As), rows)
+            return _base_dx(x, grads, projections, D, D_ext, As, one_at_a_time), dAs, dBs, dbs
+        dx = _base_dx(x, grads, projections, D, None, As, one_at_a_time)
         lowrank.up_add_(dx, G, torch.cat(As).t())
-        dbs = [grad.sum(0) if bias_grad else None for grad, bias_grad in zip(grads, needs_bias_grad)]
         return dx, dAs, dBs, dbs
-    dAs, dBs, dbs = [], [], []
-    for p, A, B, u, state, grad, bias_grad in zip(projections, As, Bs, us, states, grads, needs_bias_grad):
+    dx = _base_dx(x, grads, projections, D, None, As, one_at_a_time)
+    dAs, dBs = [], []
+    for p, A, B, u, state, grad in zip(projections, As, Bs, us, states, grads):
         dBs.append(lowrank.grad(grad, u, p.scaling).t().to(B.dtype))
         g = lowrank.down(grad, B.t(), p.scaling)  # s D B, (M, r) fp32
         if p.dropout > 0:
@@ -221,7 +304,6 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
         else:
             dAs.append(lowrank.grad(x, g).to(A.dtype))
             lowrank.up_add_(dx, g, A.t())
-        dbs.append(grad.sum(0) if bias_grad else None)
     return dx, dAs, dBs, dbs
 
 
@@ -234,6 +316,24 @@ def _norm_forward(x2: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
     if norm_weight is None:
         return x2, None
     return rmsnorm_forward(x2, norm_weight, eps)
+
+
+def _wide(rows: int, cols: int, extra: int, like: torch.Tensor, dtype: torch.dtype):
+    """An (rows, cols + extra) buffer for a producer to write its (rows, cols) output into (the
+    fold's x_ext), or None without extra columns."""
+    return torch.empty((rows, cols + extra), dtype=dtype, device=like.device) if extra else None
+
+
+def _node_input(x2: torch.Tensor, norm_weight, eps: float, projections, As):
+    """The first projections' input (RMSNorm(x) with the prologue), its r, and the fold's x_ext:
+    the norm writes straight into x_ext's first columns. Without the norm there is no producer
+    to write x there, so no fold (a copy of x would cost what the fold saves)."""
+    if norm_weight is None:
+        return x2, None, None
+    dtype = torch.promote_types(x2.dtype, norm_weight.dtype)
+    x_ext = _wide(x2.shape[0], x2.shape[1], fold_columns(projections, As, dtype), x2, dtype)
+    xn, r = rmsnorm_forward(x2, norm_weight, eps, out=None if x_ext is None else x_ext[:, : x2.shape[1]])
+    return xn, r, x_ext
 
 
 def _norm_backward(ctx, dxn: torch.Tensor, x2: torch.Tensor, norm_weight, r):
@@ -253,8 +353,8 @@ class LoraLinearsFunction(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_eps, projections, *params):
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         x2 = _flat(x)
-        xn, r = _norm_forward(x2, norm_weight, norm_eps)
-        outputs, us, states = lora_forward(xn, projections, As, Bs, biases)
+        xn, r, x_ext = _node_input(x2, norm_weight, norm_eps, projections, As)
+        outputs, us, states = lora_forward(xn, projections, As, Bs, biases, x_ext)
         ctx.save_for_backward(x2, norm_weight, r, *As, *Bs, *us)
         ctx.projections, ctx.states, ctx.x_shape, ctx.eps = projections, states, x.shape, norm_eps
         ctx.bias_grads = [b is not None and b.requires_grad for b in biases]
@@ -275,11 +375,13 @@ class LoraLinearsFunction(torch.autograd.Function):
         return (dx.view(ctx.x_shape), dw, None, None, *params)
 
 
-def silu_mul(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """HF's cast points: silu in fp32 rounded to e's dtype, then the product rounded."""
+def silu_mul(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's cast points: silu in fp32 rounded to e's dtype, then the product rounded; into out
+    (row-strided) when given."""
     if use_triton(e, g):
-        return swiglu.silu_mul(e, g)
-    return F.silu(e.float()).to(e.dtype) * g
+        return swiglu.silu_mul(e, g, out)
+    h = F.silu(e.float()).to(e.dtype) * g
+    return h if out is None else out.copy_(h)
 
 
 def silu_mul_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, de: torch.Tensor, dg: torch.Tensor) -> None:
@@ -300,11 +402,13 @@ class LoraMLPFunction(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_eps, gate, up, down, *params):
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         x2 = _flat(x)
-        xn, r = _norm_forward(x2, norm_weight, norm_eps)
-        (e, g), us_in, states_in = lora_forward(xn, [gate, up], As[:2], Bs[:2], biases[:2])
-        del xn
-        h = silu_mul(e, g)
-        (out,), (u_down,), (state_down,) = lora_forward(h, [down], As[2:], Bs[2:], biases[2:])
+        xn, r, x_ext = _node_input(x2, norm_weight, norm_eps, [gate, up], As[:2])
+        (e, g), us_in, states_in = lora_forward(xn, [gate, up], As[:2], Bs[:2], biases[:2], x_ext)
+        del xn, x_ext
+        h_ext = _wide(e.shape[0], e.shape[1], fold_columns([down], As[2:], e.dtype), e, e.dtype)
+        h = silu_mul(e, g, out=None if h_ext is None else h_ext[:, : e.shape[1]])
+        (out,), (u_down,), (state_down,) = lora_forward(h, [down], As[2:], Bs[2:], biases[2:], h_ext)
+        del h, h_ext
         eg = e._base if e._base is not None else torch.cat([e, g], dim=1)  # [e | g], one buffer
         ctx.save_for_backward(x2, norm_weight, r, eg, *As, *Bs, *us_in, u_down)
         ctx.eps = norm_eps
@@ -325,8 +429,10 @@ class LoraMLPFunction(torch.autograd.Function):
             h, [_flat(dout)], [down], As[2:], Bs[2:], us[2:], ctx.states[2:], ctx.bias_grads[2:]
         )
         del h  # (tokens, intermediate) each: freed as soon as they are used, to lower the peak
-        deg = torch.empty_like(eg)  # [de | dg]: the stacked gradient of the gate/up GEMM
-        de, dg = deg.split([gate.out_features, up.out_features], dim=1)
+        # [de | dg]: the stacked gradient of the gate/up GEMM, with the dx fold's columns after it
+        extra = dx_fold_columns([gate, up], As[:2], eg.dtype)
+        deg = torch.empty((eg.shape[0], eg.shape[1] + extra), dtype=eg.dtype, device=eg.device)
+        de, dg = deg[:, : eg.shape[1]].split([gate.out_features, up.out_features], dim=1)
         silu_mul_backward(dh, e, g, de, dg)
         del dh
         xn, _ = _norm_forward(x2, norm_weight, ctx.eps)

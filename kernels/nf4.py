@@ -231,6 +231,8 @@ def _dequantize_4bit_kernel(
     n_bytes,
     n_pairs,
     n_blocks,
+    row_pairs,
+    gap_pairs,
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     NESTED: tl.constexpr,
@@ -238,12 +240,16 @@ def _dequantize_4bit_kernel(
     VALUE_BITS: tl.constexpr,
     EVEN: tl.constexpr,
     ODD: tl.constexpr,
+    ROW_GAP: tl.constexpr,
+    ROWS_HOLD_BLOCKS: tl.constexpr,
 ):
     # One program owns BLOCKS_PER_PROGRAM whole quantization blocks: a (blocks, bytes) tile of
     # codes, one scale per tile row. The two values of a byte are packed into one 2x-wide integer
     # (the high nibble's value at the lower address, little-endian) and stored through OUT_PAIRS,
     # OUT viewed as int32 (int64 for fp32): each thread stores the values of the bytes it loaded,
     # 16-byte stores with no interleaving shuffle through shared memory. Bases are int64.
+    # With ROW_GAP, OUT's rows are `gap_pairs` pairs longer than the weight's (`row_pairs`): the
+    # first columns of a wider buffer (the LoRA fold's extra columns follow each row).
     HALF: tl.constexpr = BLOCKSIZE // 2
     first_block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
     rows = tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -273,10 +279,16 @@ def _dequantize_4bit_kernel(
         high_bits = high.to(tl.uint32, bitcast=True).to(tl.uint64)
         low_bits = low.to(tl.uint32, bitcast=True).to(tl.uint64)
         pairs = ((low_bits << 32) | high_bits).to(tl.int64, bitcast=True)
-    if EVEN:
-        tl.store(OUT_PAIRS + byte_offs, pairs)
+    if ROW_GAP and ROWS_HOLD_BLOCKS:  # a row is whole blocks: one division per block, not per byte
+        store_offs = byte_offs + (block_ids // (row_pairs // HALF) * gap_pairs)[:, None]
+    elif ROW_GAP:
+        store_offs = byte_offs + (byte_offs // row_pairs) * gap_pairs
     else:
-        tl.store(OUT_PAIRS + byte_offs, pairs, mask=byte_offs < n_pairs)
+        store_offs = byte_offs
+    if EVEN:
+        tl.store(OUT_PAIRS + store_offs, pairs)
+    else:
+        tl.store(OUT_PAIRS + store_offs, pairs, mask=byte_offs < n_pairs)
     if ODD:  # n is odd: the last byte holds one value, in its high nibble
         tl.store(OUT + byte_offs * 2, high, mask=byte_offs * 2 == n_out - 1)
 
@@ -297,9 +309,16 @@ def _check_out(weight: Nf4Weight, out: torch.Tensor | None) -> torch.Tensor:
             f"out is {tuple(out.shape)} {out.dtype} on {out.device}, "
             f"needs {weight.shape} {weight.dtype} on {weight.device}"
         )
-    if not out.is_contiguous() or out.data_ptr() % (2 * out.element_size()):
-        raise ValueError("out must be contiguous and aligned to two values (the kernel stores value pairs)")
+    if not out.is_contiguous() and not _row_strided_pairs(out):
+        raise ValueError("out must be contiguous, or 2-D with unit column stride and even row length and stride")
+    if out.data_ptr() % (2 * out.element_size()):
+        raise ValueError("out must be aligned to two values (the kernel stores value pairs)")
     return out
+
+
+def _row_strided_pairs(out: torch.Tensor) -> bool:
+    """out is the first columns of a wider row-major buffer, in whole value pairs."""
+    return out.dim() == 2 and out.stride(1) == 1 and out.shape[1] % 2 == 0 and out.stride(0) % 2 == 0
 
 
 def dequantize_triton(weight: Nf4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,8 +331,9 @@ def dequantize_triton(weight: Nf4Weight, out: torch.Tensor | None = None) -> tor
     n_blocks = -(-n // weight.blocksize)
     code = code_table(weight.quant_type, weight.device)
     nested = weight.nested
-    flat = out.view(-1)
-    pairs = flat[: n - n % 2].view(_PAIR_DTYPE[weight.dtype])
+    gap = 0 if out.is_contiguous() else out.stride(0) - out.shape[1]
+    flat = out.view(-1) if not gap else out.as_strided((out.shape[0] * out.stride(0) - gap,), (1,))
+    pairs = flat[: n - n % 2 if not gap else flat.numel()].view(_PAIR_DTYPE[weight.dtype])
     _dequantize_4bit_kernel[(triton.cdiv(n_blocks, blocks_per_program),)](
         weight.packed,
         weight.absmax,
@@ -327,6 +347,8 @@ def dequantize_triton(weight: Nf4Weight, out: torch.Tensor | None = None) -> tor
         (n + 1) // 2,
         n // 2,
         n_blocks,
+        max(1, out.shape[-1] // 2),
+        gap // 2,
         BLOCKSIZE=weight.blocksize,
         BLOCKS_PER_PROGRAM=blocks_per_program,
         NESTED=nested,
@@ -334,6 +356,8 @@ def dequantize_triton(weight: Nf4Weight, out: torch.Tensor | None = None) -> tor
         VALUE_BITS=8 * out.element_size(),
         EVEN=n % tile == 0,
         ODD=n % 2 == 1,
+        ROW_GAP=gap > 0,
+        ROWS_HOLD_BLOCKS=out.shape[-1] % weight.blocksize == 0,
         num_warps=_WARPS,
         enable_fp_fusion=False,
     )

@@ -87,17 +87,26 @@ def _launch_shape(n: int, device: torch.device) -> tuple[int, int, int]:
     return block, rows, min(16, max(1, rows * block // 512))
 
 
-def rmsnorm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """y and the per-row r of (rows, N) rows, no autograd: Triton where it can run, else PyTorch."""
+def rmsnorm_forward(
+    x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and the per-row r of (rows, N) rows, no autograd: Triton where it can run, else PyTorch.
+    y is written into `out` when given: (rows, N) of y's dtype with unit column stride (e.g. the
+    first columns of a wider buffer)."""
     rows, n = x2.shape
     out_dtype = torch.promote_types(x2.dtype, weight.dtype)
-    if not use_triton(x2, weight):
+    if out is not None and (out.shape != x2.shape or out.dtype != out_dtype or out.stride(-1) != 1):
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype}, needs {tuple(x2.shape)} {out_dtype} with unit column stride"
+        )
+    if not use_triton(x2, weight, *([out] if out is not None else [])):
         x32 = x2.float()
         r = torch.rsqrt(x32.pow(2).mean(-1) + eps)
-        return (weight * (x32 * r[:, None]).to(x2.dtype)).to(out_dtype), r
+        y = (weight * (x32 * r[:, None]).to(x2.dtype)).to(out_dtype)
+        return (y if out is None else out.copy_(y)), r
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(x2.shape, dtype=out_dtype, device=x2.device)
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x2.device) if out is None else out
     r = torch.empty(rows, dtype=torch.float32, device=x2.device)
     block, per_program, warps = _launch_shape(n, x2.device)
     if rows > 0:

@@ -253,6 +253,10 @@ def drive_lowrank() -> None:
             lowrank.down(x, b.t(), (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds)
             lowrank.grad(x, u, (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds, rank=8)
             lowrank.up_add_(x.clone(), u, b, (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds=bounds)
+            lowrank.grad_and_down(x, u, b.t(), (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds, rank=8)
+        for config in (dict(fused_sum=True), dict(fused_sum=True, parts="chained")):
+            lowrank.down(x, b.t(), 0.5, config=config)
+            lowrank.grad(x, u, 0.5, config=config)
 
 
 def _dense_projection(n_out: int, n_in: int, dtype: torch.dtype, *, quantized: bool, dropout: float):
@@ -294,6 +298,10 @@ def drive_lora() -> None:
             down = _dense_projection(hidden, inter, dtype, quantized=quantized, dropout=dropout)
             params = _lora_params((gate, up, down), rank)
             _grad(lora_mlp(x, gate, up, down, *params), [x, *(t for t in params if t is not None)])
+            # with the RMSNorm prologue: in bf16 the fold's input buffers (kernels/fold.py)
+            norm = ((1 + 0.1 * torch.randn(hidden)).to(dtype), 1e-6)
+            params = _lora_params(qkv, rank)
+            _grad(lora_linears(x, qkv, *params, norm=norm), [x, *(t for t in params if t is not None)])
 
 
 def drive_nf4() -> None:
@@ -310,6 +318,8 @@ def drive_nf4() -> None:
             # an odd value count; whole tiles of 8192 values; neither
             for shape, quant_type in (((5, 7), "nf4"), ((64, 128), "nf4"), ((33, 320), "fp4")):
                 dequantize(weight(shape, dtype, quant_type, blocksize, nested))
+        wide = torch.empty(64, 128 + 32, dtype=dtype)  # the LoRA fold's row-strided out
+        dequantize(weight((64, 128), dtype, "nf4", 64, True), out=wide[:, :128])
     # matmul_4bit compiles slowly (128 x 128 tiles): each dtype once, nested and not among them
     for dtype, nested, blocksize in (
         (torch.bfloat16, True, 64),
@@ -548,6 +558,7 @@ def test_kernels_compile_for_sm90(sm90, group, mode):
 
 def _kernels_defined() -> set[str]:
     """Our @triton.jit functions that are launched (not called from another jit function)."""
+    import kernels.fold
     import kernels.linear_cross_entropy
     import kernels.lora
     import kernels.lowrank

@@ -169,11 +169,15 @@ def rmsnorm64(norm, x64):
 
 
 @pytest.mark.parametrize("node", ["qkv", "mlp"])
-@pytest.mark.parametrize("base, trainable_norm", [("bf16", False), ("4bit", False), ("fp32", True)])
-def test_nodes_with_the_rmsnorm_prologue_match_float64(node, base, trainable_norm, tmp_path):
+@pytest.mark.parametrize(
+    "base, trainable_norm, dropout",
+    [("bf16", False, 0.0), ("4bit", False, 0.0), ("4bit", False, 0.1), ("fp32", True, 0.0)],
+)
+def test_nodes_with_the_rmsnorm_prologue_match_float64(node, base, trainable_norm, dropout, tmp_path):
     """The norm inside the node: output, dx (through the norm), dA, dB, and the norm weight's
-    gradient when it is trainable, against float64, within the stated factor of eager's."""
-    model = model_for(base, tmp_path, r=16)
+    gradient when it is trainable, against float64, within the stated factor of eager's. In
+    bf16 the LoRA terms are folded into the base GEMMs (kernels/fold.py), with dropout too."""
+    model = model_for(base, tmp_path, r=16, lora_dropout=dropout)
     layer = layers_of(model)
     norm = layer.input_layernorm if node == "qkv" else layer.post_attention_layernorm
     norm.weight.requires_grad_(trainable_norm)
@@ -198,13 +202,13 @@ def test_nodes_with_the_rmsnorm_prologue_match_float64(node, base, trainable_nor
     def ref(x, ps):
         xn = rmsnorm64(norm, x.double())
         if node == "qkv":
-            return tuple(projection64(m, xn, None) for m in layers)
-        return projection64(
-            mlp.down_proj, F.silu(projection64(mlp.gate_proj, xn, None)) * projection64(mlp.up_proj, xn, None), None
-        )
+            return tuple(projection64(m, xn, dropout_mask(x.shape, torch.float32, dropout)) for m in layers)
+        e = projection64(mlp.gate_proj, xn, dropout_mask(x.shape, torch.float32, dropout))
+        h = F.silu(e) * projection64(mlp.up_proj, xn, dropout_mask(x.shape, torch.float32, dropout))
+        return projection64(mlp.down_proj, h, dropout_mask(h.shape, torch.float32, dropout))
 
     results = [run(fn, x, params, seed=11) for fn in (ours, eager, ref)]
-    compare(f"norm+{node} {base} trainable_norm={trainable_norm}", *results)
+    compare(f"norm+{node} {base} trainable_norm={trainable_norm} p={dropout}", *results)
 
 
 def test_which_projections_run_their_rank_r_products_as_one_segmented_launch():

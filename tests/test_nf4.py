@@ -141,6 +141,19 @@ def test_out_buffer_is_reused_and_checked():
         dequantize(weight, out=torch.empty(128, 96, dtype=torch.bfloat16).t())
 
 
+@pytest.mark.parametrize("shape, blocksize", [((96, 128), 64), ((37, 96), 64), ((5, 4096), 256)])
+def test_out_may_be_the_first_columns_of_a_wider_buffer(shape, blocksize):
+    """The LoRA fold dequantizes into the first K columns of an (N, K + e) buffer; blocks may
+    cross row ends (96 % 64 != 0); the extra columns are left as they were."""
+    w, packed, qs = quantize(shape, torch.bfloat16, "nf4", blocksize, True, seed=7)
+    weight = Nf4Weight.from_quant_state(packed, qs)
+    for dequant in (dequantize_triton, dequantize_reference):
+        wide = torch.full((shape[0], shape[1] + 24), float("nan"), dtype=torch.bfloat16)
+        dequant(weight, out=wide[:, : shape[1]])
+        assert_same_bits(wide[:, : shape[1]], dequant(weight))  # bnb's CPU kernel is wrong at 37 x 96
+        assert wide[:, shape[1] :].isnan().all()
+
+
 def test_reference_path_is_the_same_math():
     """Without the interpreter the public function runs the PyTorch reference: same bits."""
     w, packed, qs = quantize((33, 320), torch.float16, "fp4", 64, True, seed=5)

@@ -79,3 +79,19 @@ def test_rows_whose_elements_are_not_adjacent_in_memory():
     ref = grads(lambda a, b: rmsnorm_fp64(a, b, eps), x.double(), w.double(), dy.double())
     for name, o, e, r in zip(("y", "dx", "dw"), ours, eager, ref):
         assert_close_to_fp64(f"transposed {name}", o, e, r)
+
+
+def test_forward_into_the_first_columns_of_a_wider_buffer():
+    """The LoRA fold's nodes normalise straight into an (rows, N + e) buffer: same bits as the
+    plain forward (the Triton kernel and the PyTorch path), extra columns untouched."""
+    from kernels.rmsnorm import rmsnorm_forward
+
+    x = torch.randn(37, 96, dtype=torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(96)).to(torch.bfloat16)
+    y, r = rmsnorm_forward(x, w, 1e-5)
+    wide = torch.full((37, 96 + 40), float("nan"), dtype=torch.bfloat16)
+    y_wide, r_wide = rmsnorm_forward(x, w, 1e-5, out=wide[:, :96])
+    assert y_wide.data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[:, :96], y) and torch.equal(r_wide, r) and wide[:, 96:].isnan().all()
+    with pytest.raises(ValueError, match="needs"):
+        rmsnorm_forward(x, w, 1e-5, out=torch.empty(37, 96))
