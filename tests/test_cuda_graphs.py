@@ -52,6 +52,34 @@ def test_lora_dropout_in_a_fused_node_counts_as_random():
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU report line")
+def test_gradients_leave_the_graph_as_views_of_one_fresh_buffer_that_autograd_adopts():
+    """The replayed backward's gradient buffers are copied out with one multi-tensor copy per
+    dtype; autograd keeps each view as the parameter's .grad and accumulates into it later."""
+    from rewriter.cuda_graphs import _fresh_copies
+
+    static = [torch.randn(3, 4), None, torch.randn(5), torch.randn(2, 2).t(), torch.randn(4).half()]
+    copies = _fresh_copies(static)
+    assert copies[1] is None
+    for s, c in zip(static, copies):
+        if s is not None:
+            assert torch.equal(s, c) and c.data_ptr() != s.data_ptr() and c.shape == s.shape
+    assert copies[0].untyped_storage().data_ptr() == copies[2].untyped_storage().data_ptr()  # one buffer
+
+    class Twice(torch.autograd.Function):  # returns fresh views as its input's gradient, as _Replay does
+        @staticmethod
+        def forward(ctx, w):
+            return w * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return _fresh_copies([g * 2])[0]
+
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    for _ in range(2):  # the second backward accumulates into the adopted view
+        Twice.apply(w).sum().backward()
+    assert torch.equal(w.grad, torch.full((3, 4), 4.0))
+
+
 def test_report_says_why_graphs_are_off_on_cpu():
     model = tiny_causal_lm("llama")
     optimize(model)
