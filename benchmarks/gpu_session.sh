@@ -2,6 +2,9 @@
 # Every GPU measurement the open issues need, in priority order, each bounded so one call of the
 # device tool (10 minutes) returns whatever finished. Run from the repository root on the GPU
 # machine after installing the wheel bundle (../shared/gpu/wheels.sh liger-kernel==0.8.5):
+#   bash benchmarks/gpu_session.sh fold     # the LoRA fold: GPU tests, rank-r kernel sweep, 2048x2 both modes
+#   bash benchmarks/gpu_session.sh step     # the fold's second round, issue 3's rope/swiglu sweep, 2048x2 both modes
+#   bash benchmarks/gpu_session.sh final    # issue 6's 16384x1 (profiled) and Mistral rows
 #   bash benchmarks/gpu_session.sh graphs   # CUDA-graph replay: its GPU tests, 2048x2 both modes, Mistral
 #   bash benchmarks/gpu_session.sh long     # issue 6's 16384x1
 #   bash benchmarks/gpu_session.sh e2e      # issue 6: 8B QLoRA, 2048x2 both modes (profiled), 16384x1
@@ -17,6 +20,20 @@ run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt
  python3 -c "import torch, triton, transformers, peft, bitsandbytes; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__)") > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 case "${1:-e2e}" in
+  fold)  # the LoRA fold (kernels/fold.py) end to end, the rank-r kernel sweep, the GPU tests
+    run tests 120 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
+    run sweep 110 python3 benchmarks/sweep_lowrank.py --out "$out/sweep_lowrank.json"
+    run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 120 --profile "$out" --out "$out/e2e_2048.json"
+    ;;
+  step)  # the fold's second round (dequant per block, one-launch fills, gradients copied out at once), issue 3's sweep
+    run tests 120 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
+    run elementwise 170 python3 benchmarks/bench_elementwise.py --ops rope,swiglu --sweep --out "$out/elementwise.json"
+    run e2e_2048 300 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 120 --profile "$out" --out "$out/e2e_2048.json"
+    ;;
+  final)  # issue 6's 16384x1 and Mistral rows after the fold
+    run e2e_16k 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 160 --verify-tokens 4096 --profile "$out" --out "$out/e2e_16k.json"
+    run e2e_mistral 170 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing yes --timeout 100 --out "$out/e2e_mistral.json"
+    ;;
   graphs)  # CUDA-graph replay: its GPU tests (compiled kernels, not the interpreter), 2048x2, Mistral
     run tests 100 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
     run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 120 --profile "$out" --out "$out/e2e_2048.json"
