@@ -23,16 +23,9 @@ Bytes each op must move (T tokens, b = 2 bytes per bf16 element):
     fwd+bwd: the sum of the two.
 
     python benchmarks/bench_elementwise.py --out elementwise.json   # H200: about 2 minutes
-    python benchmarks/bench_elementwise.py --ops rope,swiglu --sweep --out elementwise.json
-    TRITON_INTERPRET=1 python benchmarks/bench_elementwise.py --smoke --sweep   # tiny, CPU
+    TRITON_INTERPRET=1 python benchmarks/bench_elementwise.py --smoke   # tiny, CPU
 
---ops limits the run to some ops. --sweep then times ours under each candidate launch setting
-in SWEEP (kernels/rope.py and kernels/swiglu.py document the settings), checks each against
-the default bit for bit, and ends with a summary per op: each candidate's fwd / bwd / fwd+bwd
-GPU us per token count, its fwd+bwd over the default's, the best candidates and the best
-against the fastest other variant. No candidate starts after --budget seconds from the start.
-
-The tables come last (before the sweep summary): per op, tokens and mode, microseconds of each variant, our GB/s and
+The table comes last: per op, tokens and mode, microseconds of each variant, our GB/s and
 share of the copy bandwidth, and the fastest other variant over ours (> 1: we are faster).
 Twice: wall time per call as do_bench measures it, which on a slow host is mostly Python and
 autograd launch overhead for the smaller ops, then GPU time per call from CUDA graph replays
@@ -70,7 +63,6 @@ LLAMA_8B = dict(hidden=4096, intermediate=14336, heads_q=32, heads_k=8, head_dim
 SMOKE = dict(hidden=256, intermediate=352, heads_q=4, heads_k=2, head_dim=64, seq=24, tokens=(48,))
 EPS = 1e-5
 VARIANTS = ("ours", "eager", "compile", "liger")
-OPS = ("rmsnorm", "rope", "swiglu")
 
 
 def load_liger() -> tuple[dict[str, Callable], str]:
@@ -114,13 +106,12 @@ class Case:
     bytes_fwd: int
     bytes_bwd: int
     fns: dict[str, Callable] = field(default_factory=dict)  # variant -> fn(**inputs) -> outputs
-    ours_with: Callable[..., Callable] | None = None  # keyword arguments of ours -> fn(**inputs)
 
     def fresh(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone().requires_grad_(n in self.wrt) for n, t in self.base.items()}
 
 
-def make_cases(shape: dict, device: torch.device, liger: dict, ops: tuple[str, ...] = OPS) -> list[Case]:
+def make_cases(shape: dict, device: torch.device, liger: dict) -> list[Case]:
     dt, b = torch.bfloat16, 2
     H, Ii, Hq, Hk, D, S = (shape[k] for k in ("hidden", "intermediate", "heads_q", "heads_k", "head_dim", "seq"))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -151,11 +142,6 @@ def make_cases(shape: dict, device: torch.device, liger: dict, ops: tuple[str, .
             "swiglu": swiglu_reference,
         }
         ours = {"rmsnorm": lambda x, w: rmsnorm(x, w, EPS), "rope": rope_views(rope), "swiglu": swiglu}
-        ours_with = {
-            "rmsnorm": lambda **kw: lambda x, w: rmsnorm(x, w, EPS, **kw),
-            "rope": lambda **kw: rope_views(functools.partial(rope, **kw)),
-            "swiglu": lambda **kw: functools.partial(swiglu, **kw),
-        }
         specs = [
             ("rmsnorm", {"x": randn(T, H, scale=3), "w": randn(H, scale=0.3) + 1}, ("x",),
              2 * T * H * b + H * b + 4 * T, 3 * T * H * b + H * b + 4 * T),
@@ -166,12 +152,10 @@ def make_cases(shape: dict, device: torch.device, liger: dict, ops: tuple[str, .
              3 * T * Ii * b, 5 * T * Ii * b),
         ]  # fmt: skip
         for op, base, wrt, fwd, bwd in specs:
-            if op not in ops:
-                continue
             fns = {"ours": ours[op], "eager": eager[op], "compile": torch.compile(eager[op], dynamic=False)}
             if op in liger:
                 fns["liger"] = rope_views(liger[op]) if op == "rope" else liger[op]
-            cases.append(Case(op, T, base, wrt, fwd, bwd, fns, ours_with[op]))
+            cases.append(Case(op, T, base, wrt, fwd, bwd, fns))
     return cases
 
 
@@ -314,265 +298,53 @@ def table(rows: list[dict], hbm: float, key: str, title: str) -> str:
     return "\n".join(lines)
 
 
-# Candidates --sweep times, ours only: per op, (label, settings, kwargs). settings: module
-# constants set for the candidate ("module.NAME": value; kernels/rope.py and kernels/swiglu.py
-# document theirs); kwargs: passed to our function (rope's inplace). The first of each op is
-# the default. Every candidate's outputs and input gradients are compared with the default's
-# (they must be bit for bit the same: the settings change the schedule, not the math). Forward
-# and backward settings are separate where the names say so (TILE_FORWARD / TILE_BACKWARD,
-# BLOCK / BLOCK_BACKWARD, ...); the others apply to both kernels.
-RMSNORM = "kernels.rmsnorm."
-ROPE = "kernels.rope."
-SWIGLU = "kernels.swiglu."
-
-
-def _candidate(settings: dict | None = None, **kwargs) -> tuple[str, dict, dict]:
-    """(label, settings, kwargs); the label is NAME=value for each setting: what to set to adopt it."""
-    settings = settings or {}
-    label = " ".join(
-        [f"{k.rsplit('.', 1)[1]}={v}" for k, v in settings.items()] + [f"{k}={v}" for k, v in kwargs.items()]
-    )
-    return label or "default", settings, kwargs
-
-
-_ROPE_LOADS_FIRST = {ROPE + "LOADS_FIRST": True}
-_ROPE_ONE_TOKEN_4_WARPS = {  # Liger's schedule: a token's q and k heads per program, 4 warps, loads first
-    ROPE + "LOADS_FIRST": True,
-    ROPE + "TILE_BACKWARD": 2048,
-    ROPE + "WARPS_FORWARD": 4,
-    ROPE + "WARPS_BACKWARD": 4,
-}
-_SWIGLU_LOADS_FIRST = {SWIGLU + "LOADS_FIRST": True}
+# Launch sizes tried by --sweep (module, constant, values): fwd+bwd GPU time of ours under each,
+# to choose the defaults on the card rather than guess them.
 SWEEP = {
-    "rmsnorm": [_candidate()] + [_candidate({RMSNORM + "ELEMENTS_PER_PROGRAM": v}) for v in (2048, 4096, 16384, 32768)],
+    "rmsnorm": [("kernels.rmsnorm", "ELEMENTS_PER_PROGRAM", (2048, 4096, 8192, 16384, 32768))],
     "rope": [
-        _candidate(),
-        _candidate(_ROPE_LOADS_FIRST),
-        _candidate({**_ROPE_LOADS_FIRST, ROPE + "WARPS_FORWARD": 4}),
-        _candidate(_ROPE_ONE_TOKEN_4_WARPS),
-        _candidate({**_ROPE_LOADS_FIRST, ROPE + "TILE_BACKWARD": 2048}),  # one token, 8 warps
-        _candidate({**_ROPE_LOADS_FIRST, ROPE + "TILE_FORWARD": 4096}),  # two tokens forward
-        _candidate(
-            {**_ROPE_LOADS_FIRST, ROPE + "HEAD_GROUPS": 2, ROPE + "TILE_FORWARD": 1024, ROPE + "TILE_BACKWARD": 1024}
-        ),
-        _candidate({**_ROPE_LOADS_FIRST, ROPE + "HEAD_GROUPS": 8}),  # one kv head + its 4 q heads, 8 tokens
-        _candidate({ROPE + "WARPS_FORWARD": 4}),
-        _candidate(inplace=True),
-        _candidate(_ROPE_LOADS_FIRST, inplace=True),
-        _candidate(_ROPE_ONE_TOKEN_4_WARPS, inplace=True),
-    ],
-    "swiglu": [
-        _candidate(),
-        _candidate(_SWIGLU_LOADS_FIRST),  # forward as the default's: their fwd difference is noise
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "FLAT": True}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "EVICT_FIRST": True}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "BLOCK": 2048}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "BLOCK": 2048, SWIGLU + "NUM_WARPS": 8}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "BLOCK": 512, SWIGLU + "NUM_WARPS": 2}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "ROWS": 2}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "PROGRAMS_PER_SM": 8}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "FLAT": True, SWIGLU + "EVICT_FIRST": True}),
-        _candidate({**_SWIGLU_LOADS_FIRST, SWIGLU + "FLAT": True, SWIGLU + "BLOCK": 2048}),
+        ("kernels.rope", "TILE_FORWARD", (1024, 2048, 4096, 8192)),
+        ("kernels.rope", "TILE_BACKWARD", (1024, 2048, 4096, 8192)),
     ],
 }
 
 
-class _Settings:
-    """Sets module constants for the duration of a with block, restoring them after."""
+def sweep(shape: dict, device: torch.device) -> list[dict]:
+    import importlib
 
-    def __init__(self, settings: dict):
-        import importlib
-
-        self.targets = []
-        for key, value in settings.items():
-            module_name, name = key.rsplit(".", 1)
-            module = importlib.import_module(module_name)
-            if not hasattr(module, name):
-                raise AttributeError(f"{module_name} has no setting {name}")
-            self.targets.append((module, name, value))
-
-    def __enter__(self):
-        self.saved = [(module, name, getattr(module, name)) for module, name, _ in self.targets]
-        for module, name, value in self.targets:
-            setattr(module, name, value)
-
-    def __exit__(self, *exc):
-        for module, name, value in reversed(self.saved):
-            setattr(module, name, value)
-
-
-def _differs(values, reference) -> str | None:
-    """None where every tensor equals the default's bit for bit, else the largest difference."""
-    worst = 0.0
-    for v, r in zip(values, reference, strict=True):
-        if v.shape != r.shape or v.dtype != r.dtype:
-            return f"shape/dtype {tuple(v.shape)} {v.dtype} vs {tuple(r.shape)} {r.dtype}"
-        if not torch.equal(v, r):
-            r32 = r.float()
-            worst = max(worst, ((v.float() - r32).abs().max() / r32.abs().max().clamp_min(1e-30)).item())
-    return None if worst == 0.0 else f"max rel diff {worst:.1e}"
-
-
-def sweep(shape: dict, device: torch.device, ops: tuple[str, ...], repeats: int, deadline: float) -> list[dict]:
-    """Each candidate of SWEEP on ours: checked against the default, then its GPU time (CUDA
-    graph replays) forward and forward+backward, `repeats` passes over all candidates in turn
-    (the median is kept: clock drift hits every candidate alike). Past `deadline` (a
-    time.perf_counter() value) no candidate starts (the rest are reported as skipped) and no
-    further pass begins (at least one pass times every checked candidate)."""
-    start = time.perf_counter()
     rows = []
-    for case in make_cases(shape, device, {}, ops):
-        candidates = SWEEP.get(case.op, ())
-        if not candidates:
-            continue
-        cotangents = grad_outputs(case)
-        case_rows, fns, reference = [], [], None
-        for label, settings, kwargs in candidates:
-            row = dict(op=case.op, tokens=case.tokens, candidate=label, settings=settings, kwargs=kwargs)
-            case_rows.append(row)
-            fns.append(None)
-            if time.perf_counter() > deadline:
-                row["status"] = "skipped (--budget)"
-                continue
-            try:
-                fn = case.ours_with(**kwargs)
-                with _Settings(settings):
-                    # fresh cotangents too: an in-place backward overwrites them
-                    got = forward_backward(case, fn, case.fresh(), tuple(c.clone() for c in cotangents))
-                if reference is None:
-                    reference = got
-                    row["check"] = "default"
-                else:
-                    row["check"] = _differs(got, reference) or "identical"
-                del got
-                fns[-1] = fn
-                row["status"] = "ok"
-            except Exception as exc:  # noqa: BLE001 - one broken candidate must not stop the rest
-                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        del reference
-        shared = {mode: case.fresh() for mode in ("fwd", "fwd+bwd")}
-        times = [{"fwd": [], "fwd+bwd": []} for _ in candidates]
-        for repeat in range(repeats):
-            if repeat > 0 and time.perf_counter() > deadline:
-                break
-            for (_label, settings, kwargs), row, fn, t in zip(candidates, case_rows, fns, times):
-                if fn is None or row["status"] != "ok":
-                    continue
-                try:
-                    with _Settings(settings):
-                        for mode in ("fwd", "fwd+bwd"):
-                            # in-place candidates (kwargs) overwrite their inputs: their own copies
-                            inputs = case.fresh() if kwargs else shared[mode]
-                            if mode == "fwd":
-                                call = functools.partial(fn, **inputs)
-                            else:
-                                call = functools.partial(forward_backward, case, fn, inputs, cotangents)
-                            ms = graph_ms(call, device)
-                            t[mode].append(ms if ms is not None else time_ms(call, device))
-                            del call, inputs
-                except Exception as exc:  # noqa: BLE001
-                    row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        del shared
-        width = max(len(label) for label, _, _ in candidates)
-        for row, t in zip(case_rows, times):
-            if row["status"] == "ok" and t["fwd"] and t["fwd+bwd"]:
-                row["fwd"], row["fwd+bwd"] = statistics.median(t["fwd"]), statistics.median(t["fwd+bwd"])
-                row["bwd"] = row["fwd+bwd"] - row["fwd"]
-                row["fwd+bwd spread"] = (max(t["fwd+bwd"]) - min(t["fwd+bwd"])) / row["fwd+bwd"]
-            print(
-                f"  sweep {case.op:<8} {case.tokens:>6} {row['candidate']:<{width}}"
-                + (
-                    f" fwd {row['fwd'] * 1e3:7.1f} us  bwd {row['bwd'] * 1e3:7.1f}  fwd+bwd {row['fwd+bwd'] * 1e3:7.1f}"
-                    f" (spread {100 * row['fwd+bwd spread']:.1f}%)  {row['check']}"
-                    if "fwd+bwd" in row
-                    else f" {row['status']}"
-                ),
-                flush=True,
-            )
-        del fns
-        rows += case_rows
-    print(f"sweep: {time.perf_counter() - start:.0f} s")
+    for case in make_cases(shape, device, {}):
+        for module_name, constant, values in SWEEP.get(case.op, ()):
+            module = importlib.import_module(module_name)
+            default = getattr(module, constant)
+            cotangents = grad_outputs(case)
+            for value in values:
+                setattr(module, constant, value)
+                row = dict(op=case.op, tokens=case.tokens, constant=constant, value=value, default=default)
+                for mode in ("fwd", "fwd+bwd"):
+                    inputs = case.fresh()
+                    fn = case.fns["ours"]
+                    if mode == "fwd":
+                        call = functools.partial(fn, **inputs)
+                    else:
+                        call = functools.partial(forward_backward, case, fn, inputs, cotangents)
+                    row[mode] = graph_ms(call, device)
+                print(
+                    f"  sweep {case.op:<8} {case.tokens:>6} {constant}={value:<6} fwd {row['fwd'] * 1e3:7.1f} us"
+                    f"  fwd+bwd {row['fwd+bwd'] * 1e3:7.1f} us" + ("  (default)" if value == default else ""),
+                    flush=True,
+                )
+                rows.append(row)
+            setattr(module, constant, default)
     return rows
-
-
-def sweep_summary(swept: list[dict], rows: list[dict]) -> str:
-    """Per op: each candidate's GPU us by token count (fwd / bwd / fwd+bwd), its fwd+bwd over
-    the default's (geometric mean over token counts), and the fastest other variant's fwd+bwd
-    from the main run; then the winners by fwd+bwd, fwd and bwd."""
-    lines = []
-    for op in dict.fromkeys(r["op"] for r in swept):
-        op_rows = [r for r in swept if r["op"] == op]
-        tokens = list(dict.fromkeys(r["tokens"] for r in op_rows))
-        labels = list(dict.fromkeys(r["candidate"] for r in op_rows))
-        by = {(r["candidate"], r["tokens"]): r for r in op_rows}
-        others = {}
-        for T in tokens:
-            times = [
-                r["gpu_ms"]
-                for r in rows
-                if (r["op"], r["tokens"], r["mode"]) == (op, T, "fwd+bwd")
-                and r["variant"] != "ours"
-                and r.get("gpu_ms")
-            ]
-            others[T] = min(times) if times else None
-        lines.append(f"sweep {op}: GPU us, fwd / bwd / fwd+bwd per token count; 'vs default': fwd+bwd, geometric mean")
-        head = "".join(f" {f'{T} fwd/bwd/fwd+bwd':>25}" for T in tokens)
-        width = max(len(label) for label in labels)
-        lines.append(f"{'candidate':<{width}}{head} {'vs default':>10}  check")
-        default = labels[0]
-        scores = {}
-        for label in labels:
-            cells, ratios = [], []
-            for T in tokens:
-                r = by.get((label, T), {})
-                d = by.get((default, T), {})
-                if "fwd+bwd" in r:
-                    cells.append(f" {r['fwd'] * 1e3:7.1f} /{r['bwd'] * 1e3:7.1f} /{r['fwd+bwd'] * 1e3:7.1f}")
-                    if "fwd+bwd" in d:
-                        ratios.append(r["fwd+bwd"] / d["fwd+bwd"])
-                else:
-                    cells.append(f" {r.get('status', '-')[:25]:>25}")
-            score = statistics.geometric_mean(ratios) if len(ratios) == len(tokens) else None
-            if score is not None:
-                scores[label] = score
-            checks = {by[(label, T)].get("check") for T in tokens if (label, T) in by} - {None}
-            check = "default" if label == default else ", ".join(sorted(checks)) or "-"
-            lines.append(
-                f"{label:<{width}}" + "".join(cells) + (f" {score:>10.3f}" if score else f" {'-':>10}") + f"  {check}"
-            )
-        ok = [label for label in scores if all(by[(label, T)].get("check") in ("default", "identical") for T in tokens)]
-        if ok:
-            for key, what in (("fwd+bwd", "fwd+bwd"), ("fwd", "forward"), ("bwd", "backward")):
-                best = min(ok, key=lambda lab: statistics.geometric_mean([by[(lab, T)][key] for T in tokens]))
-                cells = ", ".join(f"{T}: {by[(best, T)][key] * 1e3:.1f} us" for T in tokens)
-                lines.append(f"  best {what}: {best}  ({cells})")
-            best = min(ok, key=lambda lab: scores[lab])
-            vs = ", ".join(
-                f"{T}: best other {others[T] * 1e3:.1f} us, {others[T] / by[(best, T)]['fwd+bwd']:.3f}x"
-                for T in tokens
-                if others[T]
-            )
-            if vs:
-                lines.append(f"  best fwd+bwd against the main run's fastest other (> 1: ours faster): {vs}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--sweep", action="store_true", help="also time ours under each candidate in SWEEP")
-    parser.add_argument("--sweep-repeats", type=int, default=3, help="passes over the candidates (median kept)")
-    parser.add_argument(
-        "--budget", type=float, default=110.0, help="seconds from the start after which the sweep starts nothing new"
-    )
+    parser.add_argument("--sweep", action="store_true", help="also time ours under the launch sizes in SWEEP")
     args = parser.parse_args()
-    deadline = time.perf_counter() + args.budget
-    ops = tuple(op for op in args.ops.split(",") if op)
-    if unknown := set(ops) - set(OPS):
-        parser.error(f"unknown ops {sorted(unknown)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shape = SMOKE if args.smoke else LLAMA_8B
     liger, liger_status = load_liger()
@@ -582,22 +354,16 @@ def main() -> None:
     print(f"device-to-device copy: {hbm:.0f} GB/s (bytes read + written)")
     start = time.perf_counter()
     rows = []
-    for case in make_cases(shape, device, liger, ops):
+    for case in make_cases(shape, device, liger):
         rows += run_case(case, device)
-    print(f"checked and timed in {time.perf_counter() - start:.0f} s")
-    swept = []
-    if args.sweep and (device.type == "cuda" or args.smoke):
-        # under --smoke the plumbing runs on the CPU (graph_ms has no timing there)
-        swept = sweep(shape, device, ops, args.sweep_repeats if device.type == "cuda" else 1, deadline)
-    print()
+    swept = sweep(shape, device) if args.sweep and device.type == "cuda" else []
+    print(f"checked and timed in {time.perf_counter() - start:.0f} s\n")
     print(
         table(rows, hbm, "ms", "Wall time per call (do_bench median, L2 flushed; includes the host's launch overhead)")
     )
     if device.type == "cuda":
         title = "GPU time per call (CUDA graph replay, L2 flushed; no launch overhead): the kernels themselves"
         print("\n" + table(rows, hbm, "gpu_ms", title))
-    if swept:
-        print("\n" + sweep_summary(swept, rows))
     if args.out:
         meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, liger=liger_status)
         args.out.write_text(json.dumps(dict(meta, copy_GBps=hbm, shape=shape, results=rows, sweep=swept), indent=2))

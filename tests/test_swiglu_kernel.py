@@ -4,7 +4,7 @@ import pytest
 import torch
 from numerics import assert_close_to_fp64
 
-from kernels.swiglu import SwiGLUFunction, silu_mul, silu_mul_backward, swiglu, swiglu_reference, swiglu_unsupported
+from kernels.swiglu import SwiGLUFunction, swiglu, swiglu_reference, swiglu_unsupported
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -99,107 +99,3 @@ def test_empty():
     h = swiglu(e, g)
     h.sum().backward()
     assert h.shape == (0, 64) and e.grad.shape == (0, 64)
-
-
-# Launch settings (module constants) the benchmark's --sweep times: each must give the
-# default's bits. Names as in kernels/swiglu.py; on the interpreter PROGRAMS_PER_SM counts 2 SMs.
-LAUNCH_SETTINGS = [
-    dict(LOADS_FIRST=True),
-    dict(FLAT=True, LOADS_FIRST=True),
-    dict(EVICT_FIRST=True, BLOCK=512, NUM_WARPS=2),
-    dict(BLOCK=2048, NUM_WARPS=8, BLOCK_BACKWARD=256, NUM_WARPS_BACKWARD=2),
-    dict(ROWS=2, BLOCK=256),
-    dict(ROWS=4, FLAT=True, LOADS_FIRST=True),
-    dict(PROGRAMS_PER_SM=1, BLOCK=256),
-    dict(PROGRAMS_PER_SM=3, ROWS=2, BLOCK=128, LOADS_FIRST=True),
-]
-
-
-def set_launch(monkeypatch, settings):
-    import kernels.swiglu as module
-
-    for name, value in settings.items():
-        assert hasattr(module, name), name
-        monkeypatch.setattr(module, name, value)
-
-
-@pytest.mark.parametrize("settings", LAUNCH_SETTINGS, ids=lambda s: " ".join(f"{k}={v}" for k, v in s.items()))
-@pytest.mark.parametrize("shape", [(3, 37, 1000), (1001,), (6, 2048)], ids=["masked", "1-D", "even"])
-def test_launch_settings_give_the_default_bits(monkeypatch, settings, shape):
-    e = (torch.randn(shape, dtype=torch.float64) * 4).to(torch.bfloat16)
-    g = torch.randn(shape, dtype=torch.float64).to(torch.bfloat16)
-    dh = torch.randn(shape, dtype=torch.float64).to(torch.bfloat16)
-    default = run(SwiGLUFunction.apply, e, g, dh)
-    set_launch(monkeypatch, settings)
-    for name, ours, theirs in zip(["h", "de", "dg"], run(SwiGLUFunction.apply, e, g, dh), default):
-        assert torch.equal(ours, theirs), name
-    for wrt in [(0,), (1,)]:  # one gradient alone
-        for ours, theirs in zip(run(SwiGLUFunction.apply, e, g, dh, wrt)[1:], default[1 + wrt[0] :]):
-            assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_flat_persistent_2d_tiles_match_float64(monkeypatch, dtype):
-    set_launch(monkeypatch, dict(ROWS=2, BLOCK=512, PROGRAMS_PER_SM=2, LOADS_FIRST=True))
-    e = (torch.randn(3, 37, 1000, dtype=torch.float64) * 4).to(dtype)
-    g = torch.randn(3, 37, 1000, dtype=torch.float64).to(dtype)
-    check_all(dtype, e, g, label="ROWS=2 PROGRAMS_PER_SM=2")
-    set_launch(monkeypatch, dict(ROWS=1, FLAT=True, PROGRAMS_PER_SM=0))
-    check_all(dtype, e, g, label="FLAT")
-
-
-def column_blocks(rows, cols, dtype=torch.bfloat16):
-    """e and g as the two column blocks of one (rows, 2 cols) GEMM output, as kernels/lora.py has them."""
-    eg = torch.randn(rows, 2 * cols, dtype=torch.float64).to(dtype)
-    eg[:, :cols] *= 4
-    return eg[:, :cols], eg[:, cols:]
-
-
-@pytest.mark.parametrize("settings", [{}, dict(FLAT=True, ROWS=2, BLOCK=256)], ids=["default", "flat-rows"])
-def test_silu_mul_writes_into_the_first_columns_of_a_wider_buffer(monkeypatch, settings):
-    """out = the first N columns of an (M, N + 64) buffer, as kernels/lora.py passes it: written
-    in place (no temporary), the other columns untouched; e and g strided or dense (FLAT must
-    not take the strided out for dense)."""
-    import kernels.swiglu as module
-
-    set_launch(monkeypatch, settings)
-    e, g = column_blocks(37, 1000)
-    expected = silu_mul(e.contiguous(), g.contiguous())
-    for e_, g_ in [(e, g), (e.contiguous(), g.contiguous())]:
-        wide = torch.full((37, 1000 + 64), 7.0, dtype=torch.bfloat16)
-        out = wide[:, :1000]
-        assert module._out_rows(out, e_, e_.shape).data_ptr() == out.data_ptr()  # the direct path
-        assert silu_mul(e_, g_, out=out) is out
-        assert torch.equal(out, expected)
-        assert (wide[:, 1000:] == 7.0).all()
-
-
-def test_silu_mul_out_of_any_layout_or_dtype():
-    """An out that does not view as rows (transposed) or has another dtype: written through a
-    temporary, same values; an out of another shape is refused."""
-    e, g = column_blocks(9, 40, torch.float32)
-    h = silu_mul(e, g)
-    out_t = torch.empty(40, 9).t()
-    assert silu_mul(e, g, out=out_t) is out_t and torch.equal(out_t, h)
-    out_3d = torch.empty(3, 3, 40)
-    assert torch.equal(silu_mul(e.reshape(3, 3, 40), g.reshape(3, 3, 40), out=out_3d), h.view(3, 3, 40))
-    out_f64 = torch.empty(9, 40, dtype=torch.float64)
-    assert torch.equal(silu_mul(e, g, out=out_f64), h.double())
-    with pytest.raises(ValueError, match="shape"):
-        silu_mul(e, g, out=torch.empty(9, 41))
-
-
-@pytest.mark.parametrize("settings", [{}, dict(LOADS_FIRST=True, FLAT=True)], ids=["default", "loads-first"])
-def test_backward_into_column_blocks_of_one_buffer(monkeypatch, settings):
-    """dh, e, g and de/dg as column blocks of stacked buffers (kernels/lora.py's [de | dg])."""
-    set_launch(monkeypatch, settings)
-    e, g = column_blocks(37, 1000)
-    dh = torch.randn(37, 1000, dtype=torch.float64).to(torch.bfloat16)
-    deg = torch.full((37, 2000), 7.0, dtype=torch.bfloat16)
-    de, dg = deg.split([1000, 1000], dim=1)
-    silu_mul_backward(dh, e, g, de, dg)
-    _, de_ref, dg_ref = run(SwiGLUFunction.apply, e.contiguous(), g.contiguous(), dh)
-    assert torch.equal(de, de_ref) and torch.equal(dg, dg_ref)
-    one = torch.full((37, 1000), 7.0, dtype=torch.bfloat16)
-    silu_mul_backward(dh, e, g, None, one)
-    assert torch.equal(one, dg_ref)
