@@ -4,6 +4,7 @@
 # machine after installing the wheel bundle (../shared/gpu/wheels.sh liger-kernel==0.8.5):
 #   bash benchmarks/gpu_session.sh fold     # the LoRA fold: GPU tests, rank-r kernel sweep, 2048x2 both modes
 #   bash benchmarks/gpu_session.sh step     # the fold's second round, issue 3's rope/swiglu sweep, 2048x2 both modes
+#   bash benchmarks/gpu_session.sh last     # GPU tests, 2048x2 both modes and 16384x1, all profiled
 #   bash benchmarks/gpu_session.sh final    # issue 6's 16384x1 (profiled) and Mistral rows
 #   bash benchmarks/gpu_session.sh graphs   # CUDA-graph replay: its GPU tests, 2048x2 both modes, Mistral
 #   bash benchmarks/gpu_session.sh long     # issue 6's 16384x1
@@ -27,8 +28,13 @@ case "${1:-e2e}" in
     ;;
   step)  # the fold's second round (dequant per block, one-launch fills, gradients copied out at once), issue 3's sweep
     run tests 120 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
-    run elementwise 170 python3 benchmarks/bench_elementwise.py --ops rope,swiglu --sweep --out "$out/elementwise.json"
+    # (at e5715a7 also: run elementwise 170 python3 benchmarks/bench_elementwise.py --ops rope,swiglu --sweep ...)
     run e2e_2048 300 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 120 --profile "$out" --out "$out/e2e_2048.json"
+    ;;
+  last)  # the session's last measurement: GPU tests, 2048x2 both modes and 16384x1 (profiled)
+    run tests 90 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
+    run e2e_2048 270 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 110 --profile "$out" --out "$out/e2e_2048.json"
+    run e2e_16k 240 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --profile "$out" --out "$out/e2e_16k.json"
     ;;
   final)  # issue 6's 16384x1 and Mistral rows after the fold
     run e2e_16k 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 160 --verify-tokens 4096 --profile "$out" --out "$out/e2e_16k.json"

@@ -158,3 +158,50 @@ def fill_input(x_ext: torch.Tensor, u: torch.Tensor, ranks: Sequence[int], scale
         u, x_ext[:, k:], m, r, e, c1, c2, float(s0), float(s1), float(s2), *u.stride(), x_ext.stride(0),
         BM=bm, BE=triton.next_power_of_2(e),
     )  # fmt: skip
+
+
+# Columns per program of stack_into: a block never straddles a source, so each program copies
+# one source's rows with full-width vector loads and stores.
+STACK_BLOCK = 128
+
+
+@triton.jit
+def _stack_kernel(
+    OUT, S0, S1, S2, M, c1, c2, so, s0, s1, s2,
+    BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    start = tl.program_id(1) * BN
+    seg = (start >= c1).to(tl.int32) + (start >= c2).to(tl.int32)
+    src = tl.where(seg == 0, S0, tl.where(seg == 1, S1, S2))
+    stride = tl.where(seg == 0, s0, tl.where(seg == 1, s1, s2))
+    first = tl.where(seg == 0, 0, tl.where(seg == 1, c1, c2))
+    rm = tl.cast(tl.program_id(0), tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    mask = (rm < M)[:, None]
+    values = tl.load(src + rm[:, None] * stride + (start - first + cols)[None, :], mask=mask)
+    tl.store(OUT + rm[:, None] * so + (start + cols)[None, :], values, mask=mask)
+
+
+def stack_into(out: torch.Tensor, sources: Sequence[torch.Tensor]) -> None:
+    """out[:, columns of source i] <- source i, side by side (out may be the first columns of
+    a wider buffer: the fold's D_ext). One launch at copy bandwidth where every source's width
+    is a multiple of STACK_BLOCK and there are at most three (q, k and v); else PyTorch's cat,
+    whose copy into a row-strided destination runs at a third of that (H200, 2026-11-29)."""
+    widths = [t.shape[1] for t in sources]
+    if (
+        not use_triton(out, *sources)
+        or len(sources) > 3
+        or any(w % STACK_BLOCK for w in widths)
+        or any(t.stride(1) != 1 or t.dtype != out.dtype for t in sources)
+        or out.stride(1) != 1
+    ):
+        torch.cat(list(sources), dim=1, out=out)
+        return
+    m = out.shape[0]
+    cuts = [sum(widths[: i + 1]) for i in range(len(widths))]
+    c1, c2 = (cuts + [cuts[-1], cuts[-1]])[:2]
+    s = (list(sources) + [sources[0], sources[0]])[:3]
+    bm = 16 if out.device.type == "cuda" else 64  # 16 x 128 bf16: 4 KiB a program on a GPU
+    _stack_kernel[(triton.cdiv(m, bm), cuts[-1] // STACK_BLOCK)](
+        out, *s, m, c1, c2, out.stride(0), *(t.stride(0) for t in s), BM=bm, BN=STACK_BLOCK,
+    )  # fmt: skip

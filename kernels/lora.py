@@ -232,38 +232,47 @@ def _stacked_gradient(grads, projections, As, stacked, need_stacked: bool):
         e = dx_fold_columns(projections, As, grads[0].dtype)
         if e:
             wide = torch.empty((grads[0].shape[0], rows + e), dtype=grads[0].dtype, device=grads[0].device)
-            torch.cat(grads, dim=1, out=wide[:, :rows])
+            fold.stack_into(wide[:, :rows], grads)
             return wide[:, :rows], wide
     if stacked is None and need_stacked:
         stacked = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
     return stacked, None
 
 
-def _base_dx(x, grads, projections, D, D_ext, As, one_at_a_time: bool) -> torch.Tensor:
-    """c(D) W, with the fold's term G Ad when D_ext holds it (into the last GEMM)."""
+def _base_dx(grads, projections, D, D_ext, As, one_at_a_time: bool) -> torch.Tensor:
+    """c(D) W, with the fold's term G Ad when D_ext holds it (into the last GEMM), in D's dtype
+    (x's: the outputs have x's dtype)."""
+    dtype, device = grads[0].dtype, grads[0].device
     c = projections[0].compute_dtype
     rows = sum(p.out_features for p in projections)
     extra = 0 if D_ext is None else D_ext.shape[1] - rows
     if not one_at_a_time:
-        return ((D if D_ext is None else D_ext).to(c) @ _dense_rows(projections, x.device, As, extra)).to(x.dtype)
+        return ((D if D_ext is None else D_ext).to(c) @ _dense_rows(projections, device, As, extra)).to(dtype)
     # gate and up of an MLP: one dense weight at a time (half the peak); the second GEMM
     # accumulates into the first's result (no (M, K) temporary; one rounding of the sum,
     # where eager autograd rounds each path's dx and then their sum)
     dx, start = None, 0
     for i, (p, grad) in enumerate(zip(projections, grads)):
         if D_ext is not None and i == len(projections) - 1:  # the last one carries the fold's columns
-            grad, w = D_ext[:, start:], _dense_rows([p], x.device, As, extra)
+            grad, w = D_ext[:, start:], _dense_rows([p], device, As, extra)
         else:
             w = p.weight(None)
         dx = grad.to(c) @ w if dx is None else dx.addmm_(grad.to(c), w)
         start += p.out_features
-    return dx.to(x.dtype)
+    return dx.to(dtype)
+
+
+def lora_dAs(x: torch.Tensor, G: torch.Tensor, As) -> list[torch.Tensor]:
+    """dA_i = g_i^T x for G = [g_1 | ... | g_k], in each A's dtype."""
+    return [d.to(A.dtype) for d, A in zip(lowrank.grad(x, G).split([A.shape[0] for A in As]), As)]
 
 
 def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, stacked=None):
     """Backward of lora_forward: dx, and dA, dB, db per projection. `stacked` is the grads
     side by side in one (M, sum N_i) tensor, if the caller already has it; it may be the first
-    columns of a buffer with dx_fold_columns(...) more, which the fold then fills."""
+    columns of a buffer with dx_fold_columns(...) more, which the fold then fills. x may be
+    None (no dropout): then G = [g_1 | ... | g_k] comes back in dA's place, for the caller to
+    finish with lora_dAs once it has x."""
     rows = sum(p.out_features for p in projections)
     merged = _merged_rank(projections, As)
     bounds = _segments(projections, As) if merged else None
@@ -284,15 +293,17 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
             ]
             Gs = [lowrank.down(grad, B.t(), p.scaling) for p, B, grad in zip(projections, Bs, grads)]
             G = Gs[0] if len(Gs) == 1 else torch.cat(Gs, dim=1)
-        dAs = [d.to(A.dtype) for d, A in zip(lowrank.grad(x, G).split([A.shape[0] for A in As]), As)]
+        dAs = G if x is None else lora_dAs(x, G, As)
         if D_ext is not None:  # dx's term rides in the dx GEMM (G already carries the scales)
             fold.fill_input(D_ext, G, [A.shape[0] for A in As], [1.0] * len(As), rows)
-            return _base_dx(x, grads, projections, D, D_ext, As, one_at_a_time), dAs, dBs, dbs
-        dx = _base_dx(x, grads, projections, D, None, As, one_at_a_time)
+            return _base_dx(grads, projections, D, D_ext, As, one_at_a_time), dAs, dBs, dbs
+        dx = _base_dx(grads, projections, D, None, As, one_at_a_time)
         lowrank.up_add_(dx, G, torch.cat(As).t())
         return dx, dAs, dBs, dbs
-    dx = _base_dx(x, grads, projections, D, None, As, one_at_a_time)
-    dAs, dBs = [], []
+    dx = _base_dx(grads, projections, D, None, As, one_at_a_time)
+    if x is None and any(p.dropout > 0 for p in projections):
+        raise ValueError("lora_backward needs x to replay dropout")
+    dAs, dBs, gs = [], [], []
     for p, A, B, u, state, grad in zip(projections, As, Bs, us, states, grads):
         dBs.append(lowrank.grad(grad, u, p.scaling).t().to(B.dtype))
         g = lowrank.down(grad, B.t(), p.scaling)  # s D B, (M, r) fp32
@@ -302,9 +313,11 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
             gx = _replay_dropout(g @ A.float(), p.dropout, state)
             dx = (dx.float() + gx).to(x.dtype)
         else:
-            dAs.append(lowrank.grad(x, g).to(A.dtype))
+            gs.append(g)
+            if x is not None:
+                dAs.append(lowrank.grad(x, g).to(A.dtype))
             lowrank.up_add_(dx, g, A.t())
-    return dx, dAs, dBs, dbs
+    return dx, (torch.cat(gs, dim=1) if x is None else dAs), dBs, dbs
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -384,15 +397,20 @@ def silu_mul(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) 
     return h if out is None else out.copy_(h)
 
 
-def silu_mul_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, de: torch.Tensor, dg: torch.Tensor) -> None:
-    """de, dg <- the SwiGLU backward (kernels/swiglu.py has the derivation), in place."""
+def silu_mul_backward(
+    dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, de: torch.Tensor, dg: torch.Tensor, h=None
+) -> None:
+    """de, dg <- the SwiGLU backward (kernels/swiglu.py has the derivation), in place; and h <-
+    silu(e) * g (the forward's bits) when given."""
     if use_triton(dh, e, g):
-        swiglu.silu_mul_backward(dh, e, g, de, dg)
+        swiglu.silu_mul_backward(dh, e, g, de, dg, h)
         return
     e32, g32, dh32 = e.float(), g.float(), dh.float()
     s = torch.sigmoid(e32)
     de.copy_(dh32 * g32 * s * (1 + e32 * (1 - s)))
     dg.copy_(dh32 * (e32 * s))
+    if h is not None:
+        h.copy_(silu_mul(e, g))
 
 
 class LoraMLPFunction(torch.autograd.Function):
@@ -424,17 +442,24 @@ class LoraMLPFunction(torch.autograd.Function):
         As, Bs, us = rest[0:3], rest[3:6], rest[6:9]
         gate, up, down = ctx.projections
         e, g = eg.split([gate.out_features, up.out_features], dim=1)
-        h = silu_mul(e, g)
-        dh, (dA_d,), (dB_d,), (db_d,) = lora_backward(
+        # down's dA needs h = silu(e) * g, which SwiGLU's backward (reading e and g anyway) writes
+        # after dh; with dropout h is needed first (the mask is replayed on it)
+        h = silu_mul(e, g) if down.dropout > 0 else None
+        dh, dA_or_G, (dB_d,), (db_d,) = lora_backward(
             h, [_flat(dout)], [down], As[2:], Bs[2:], us[2:], ctx.states[2:], ctx.bias_grads[2:]
         )
-        del h  # (tokens, intermediate) each: freed as soon as they are used, to lower the peak
         # [de | dg]: the stacked gradient of the gate/up GEMM, with the dx fold's columns after it
         extra = dx_fold_columns([gate, up], As[:2], eg.dtype)
         deg = torch.empty((eg.shape[0], eg.shape[1] + extra), dtype=eg.dtype, device=eg.device)
         de, dg = deg[:, : eg.shape[1]].split([gate.out_features, up.out_features], dim=1)
-        silu_mul_backward(dh, e, g, de, dg)
-        del dh
+        if h is None:  # h overwrites dh in place (each element read before it is written)
+            h = dh
+            silu_mul_backward(dh, e, g, de, dg, h)
+            (dA_d,) = lora_dAs(h, dA_or_G, As[2:])
+        else:
+            silu_mul_backward(dh, e, g, de, dg)
+            (dA_d,) = dA_or_G
+        del dh, h  # (tokens, intermediate) each: freed as soon as they are used, to lower the peak
         xn, _ = _norm_forward(x2, norm_weight, ctx.eps)
         dxn, dA_in, dB_in, db_in = lora_backward(
             xn, [de, dg], [gate, up], As[:2], Bs[:2], us[:2], ctx.states[:2], ctx.bias_grads[:2], stacked=deg

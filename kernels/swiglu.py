@@ -14,7 +14,8 @@ as autograd treats them:
     df/de = s + e * s * (1 - s)    (d sigmoid/de = s (1 - s))
           = s * (1 + e * (1 - s))  ->  de = dh * g * s * (1 + e * (1 - s))
 
-Both gradients come from e and g alone: h and f are recomputed, never kept. Each is computed
+Both gradients come from e and g alone: h and f are recomputed, never kept (the backward can
+also write h, for a caller that needs it afterwards). Each is computed
 in fp32 from the d-valued inputs and rounded once, where eager autograd rounds dh * g to d
 before the SiLU backward and uses the rounded d(f) for dg: our error is at most eager's.
 
@@ -61,8 +62,8 @@ def _swiglu_forward(E, G, H, cols, col_blocks, se, sg, sh, BLOCK: tl.constexpr):
 
 @triton.jit
 def _swiglu_backward(
-    DH, E, G, DE, DG, cols, col_blocks, sdh, se, sg, sde, sdg,
-    BLOCK: tl.constexpr, NEED_DE: tl.constexpr, NEED_DG: tl.constexpr,
+    DH, E, G, DE, DG, H, cols, col_blocks, sdh, se, sg, sde, sdg, sh,
+    BLOCK: tl.constexpr, NEED_DE: tl.constexpr, NEED_DG: tl.constexpr, NEED_H: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     row = tl.cast(pid // col_blocks, tl.int64)
@@ -71,13 +72,18 @@ def _swiglu_backward(
     dh = tl.load(DH + row * sdh + offs, mask=mask, other=0.0).to(tl.float32)
     e = tl.load(E + row * se + offs, mask=mask, other=0.0).to(tl.float32)
     one_plus_t = 1.0 + tl.exp(-e)
-    if NEED_DG:  # f = silu(e) as the forward (and PyTorch) computes it
-        tl.store(DG + row * sdg + offs, (dh * (e / one_plus_t)).to(DG.dtype.element_ty), mask=mask)
-    if NEED_DE:
+    f = e / one_plus_t  # silu(e) as the forward (and PyTorch) computes it
+    if NEED_DG:
+        tl.store(DG + row * sdg + offs, (dh * f).to(DG.dtype.element_ty), mask=mask)
+    if NEED_DE or NEED_H:
         g = tl.load(G + row * sg + offs, mask=mask, other=0.0).to(tl.float32)
-        s = 1.0 / one_plus_t
-        de = dh * g * s * (1.0 + e * (1.0 - s))  # dh * g first, as eager's order
-        tl.store(DE + row * sde + offs, de.to(DE.dtype.element_ty), mask=mask)
+        if NEED_H:  # h again, the forward's bits (for a caller that needs it after this pass)
+            h = f.to(H.dtype.element_ty).to(tl.float32) * g
+            tl.store(H + row * sh + offs, h.to(H.dtype.element_ty), mask=mask)
+        if NEED_DE:
+            s = 1.0 / one_plus_t
+            de = dh * g * s * (1.0 + e * (1.0 - s))  # dh * g first, as eager's order
+            tl.store(DE + row * sde + offs, de.to(DE.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -99,18 +105,23 @@ def silu_mul(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) 
     return h
 
 
-def silu_mul_backward(dh, e, g, de: torch.Tensor | None, dg: torch.Tensor | None) -> None:
-    """de and dg (2-D, row-strided, either may be None) from dh, e and g."""
+def silu_mul_backward(
+    dh, e, g, de: torch.Tensor | None, dg: torch.Tensor | None, h: torch.Tensor | None = None
+) -> None:
+    """de and dg (2-D, row-strided, either may be None) from dh, e and g; and h = silu(e) * g
+    (the forward's bits) into h when given: the pass reads e and g anyway, so a caller that
+    needs h after the backward gets it for its write alone (the fused MLP's dA of down). h may
+    be dh itself: each element of dh is read before h's is written, by the same program."""
     dh2, e2, g2 = _rows(dh), _rows(e), _rows(g)
     rows, cols = e2.shape
-    if e2.numel() == 0 or (de is None and dg is None):
+    if e2.numel() == 0 or (de is None and dg is None and h is None):
         return
     blocks = triton.cdiv(cols, BLOCK)
     _swiglu_backward[(rows * blocks,)](
-        dh2, e2, g2, de if de is not None else e2, dg if dg is not None else g2, cols, blocks,
-        dh2.stride(0), e2.stride(0), g2.stride(0),
-        de.stride(0) if de is not None else 0, dg.stride(0) if dg is not None else 0,
-        BLOCK=BLOCK, NEED_DE=de is not None, NEED_DG=dg is not None, num_warps=NUM_WARPS,
+        dh2, e2, g2, de if de is not None else e2, dg if dg is not None else g2, h if h is not None else e2,
+        cols, blocks, dh2.stride(0), e2.stride(0), g2.stride(0),
+        de.stride(0) if de is not None else 0, dg.stride(0) if dg is not None else 0, h.stride(0) if h is not None else 0,
+        BLOCK=BLOCK, NEED_DE=de is not None, NEED_DG=dg is not None, NEED_H=h is not None, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 

@@ -76,3 +76,13 @@ def test_fill_weight_kernel_matches_the_pytorch_path(monkeypatch):
     fold.fill_weight(w_ext, Bs, 16)
     assert torch.equal(ours.view(torch.int16), w_ext[:, 16:].view(torch.int16))
     assert torch.equal(ours[:, :12], torch.block_diag(*Bs).bfloat16()) and not ours[:, 24:].any()
+
+
+@pytest.mark.parametrize("widths", [(256, 128, 128), (128,), (256, 384), (100, 28)])
+def test_stack_into_the_first_columns_of_a_wider_buffer(widths):
+    """q|k|v's gradients (or down's one) side by side in D_ext's first columns: what torch.cat
+    writes, the extra columns untouched (widths not multiples of 128 take torch.cat itself)."""
+    sources = [torch.randn(37, w).bfloat16() for w in widths]
+    wide = torch.full((37, sum(widths) + 32), float("nan"), dtype=torch.bfloat16)
+    fold.stack_into(wide[:, : sum(widths)], sources)
+    assert torch.equal(wide[:, : sum(widths)], torch.cat(sources, dim=1)) and wide[:, sum(widths) :].isnan().all()

@@ -259,6 +259,19 @@ def drive_lowrank() -> None:
             lowrank.grad(x, u, 0.5, config=config)
 
 
+def drive_fold() -> None:
+    from kernels import fold
+
+    for dtype in FLOATS:  # stack_into's one-launch path (q|k|v's gradient widths of 128s)
+        wide = torch.empty(5, 512 + 32, dtype=dtype)
+        fold.stack_into(wide[:, :512], [torch.randn(5, w, dtype=dtype) for w in (256, 128, 128)])
+    # swiglu's backward writing h over dh (the fused MLP's down dA)
+    from kernels.swiglu import silu_mul_backward
+
+    e, g, dh = (torch.randn(3, 100, dtype=torch.bfloat16) for _ in range(3))
+    silu_mul_backward(dh, e, g, torch.empty_like(e), torch.empty_like(g), dh)
+
+
 def _dense_projection(n_out: int, n_in: int, dtype: torch.dtype, *, quantized: bool, dropout: float):
     from kernels.lora import Projection
 
@@ -351,6 +364,7 @@ DRIVERS: dict[str, Callable[[], None]] = {
     "swiglu": drive_swiglu,
     "lowrank": drive_lowrank,
     "lora": drive_lora,
+    "fold": drive_fold,
     "nf4": drive_nf4,
     "linear_cross_entropy": drive_linear_cross_entropy,
 }

@@ -99,3 +99,19 @@ def test_empty():
     h = swiglu(e, g)
     h.sum().backward()
     assert h.shape == (0, 64) and e.grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("into_dh", [False, True])
+def test_backward_also_writes_h_with_the_forwards_bits(into_dh):
+    """silu_mul_backward(..., h): h = silu(e) * g exactly as the forward writes it, also over dh
+    itself (the fused MLP's dA of down), and de, dg as without it."""
+    from kernels.swiglu import silu_mul, silu_mul_backward
+
+    e, g, dh = (torch.randn(37, 100, dtype=torch.bfloat16) for _ in range(3))
+    de0, dg0 = torch.empty_like(e), torch.empty_like(g)
+    silu_mul_backward(dh, e, g, de0, dg0)
+    de, dg = torch.empty_like(e), torch.empty_like(g)
+    dh_copy = dh.clone()
+    h = dh_copy if into_dh else torch.empty_like(e)
+    silu_mul_backward(dh_copy, e, g, de, dg, h)
+    assert torch.equal(h, silu_mul(e, g)) and torch.equal(de, de0) and torch.equal(dg, dg0)
