@@ -283,13 +283,14 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
     if merged or D_ext is not None:  # one G = [g_1 | ... | g_k] for every dA_i and every dx term
         scales = [p.scaling for p in projections]
         if bounds is not None:  # one launch for every dB_i and one for every g_i, from D
-            dB_all = lowrank.grad(D, torch.cat(us, dim=1), scales, bounds, rank=As[0].shape[0])
+            dB_all = lowrank.grad(D, torch.cat(us, dim=1), scales, bounds, rank=As[0].shape[0], transposed=True)
             cuts = [0, *bounds, rows]
             dBs = [dB_all[:, a:b].t().to(B.dtype) for a, b, B in zip(cuts, cuts[1:], Bs)]
             G = lowrank.down(D, torch.cat(Bs).t(), scales, bounds)
         else:
             dBs = [
-                lowrank.grad(grad, u, p.scaling).t().to(B.dtype) for p, B, u, grad in zip(projections, Bs, us, grads)
+                lowrank.grad(grad, u, p.scaling, transposed=True).t().to(B.dtype)
+                for p, B, u, grad in zip(projections, Bs, us, grads)
             ]
             Gs = [lowrank.down(grad, B.t(), p.scaling) for p, B, grad in zip(projections, Bs, grads)]
             G = Gs[0] if len(Gs) == 1 else torch.cat(Gs, dim=1)
@@ -305,7 +306,7 @@ def lora_backward(x, grads, projections, As, Bs, us, states, needs_bias_grad, st
         raise ValueError("lora_backward needs x to replay dropout")
     dAs, dBs, gs = [], [], []
     for p, A, B, u, state, grad in zip(projections, As, Bs, us, states, grads):
-        dBs.append(lowrank.grad(grad, u, p.scaling).t().to(B.dtype))
+        dBs.append(lowrank.grad(grad, u, p.scaling, transposed=True).t().to(B.dtype))
         g = lowrank.down(grad, B.t(), p.scaling)  # s D B, (M, r) fp32
         if p.dropout > 0:
             x_d = _replay_dropout(x.to(A.dtype), p.dropout, state)

@@ -281,12 +281,13 @@ def _up_add_kernel(
 @triton.jit
 def _grad_kernel(
     X, U, PARTIAL, OUT, COUNTER, M, K, R, rows_per_split, b1, b2, s0, s1, s2, zero,
-    sxm, sxk, sum_, sur,
+    sxm, sxk, sum_, sur, sor, sok,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr,
 ):  # fmt: skip
     """PARTIAL[split][:, block] = s U[rows]^T X[rows, block] (fp32) for one BK block of columns
-    (inside one segment) over one split of the rows. FUSED: the block's last split also sums
-    them into OUT (_sum_splits)."""
+    (inside one segment) over one split of the rows; an (R, K) result stored with strides
+    (sor, sok) (K, 1, or 1, R for its transpose's layout). FUSED: the block's last split also
+    sums them into OUT (_sum_splits)."""
     pid_k, split = tl.program_id(0), tl.program_id(1)
     seg = _segment(pid_k * BK, b1, b2)  # blocks never straddle a segment boundary
     rk = tl.cast(pid_k, tl.int64) * BK + tl.arange(0, BK)
@@ -305,7 +306,7 @@ def _grad_kernel(
             x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=inside[:, None] & (rk[None, :] < K), other=0.0)
             u0, u1, u2 = _split3(u)
             acc += tl.dot(tl.trans(x), _stack(u0, u1, u2), fresh)
-        offsets = rr[None, :] * K + rk[:, None]
+        offsets = rr[None, :] * sor + rk[:, None] * sok
         mask = (rr[None, :] < R) & (rk[:, None] < K)
         tl.store(PARTIAL + split * R * K + offsets, _unstack(acc, BR) * scale, mask=mask)
     else:  # U^T (BR, BM) @ X (BM, BK)
@@ -321,7 +322,7 @@ def _grad_kernel(
                 acc += tl.dot(u0, x, tl.dot(u1, x, tl.dot(u2, x)))
             else:
                 acc += tl.dot(ut, x.to(tl.float32), input_precision="ieee")
-        offsets = rr[:, None] * K + rk[None, :]
+        offsets = rr[:, None] * sor + rk[None, :] * sok
         mask = (rr[:, None] < R) & (rk[None, :] < K)
         tl.store(PARTIAL + split * R * K + offsets, acc * scale, mask=mask)
     if FUSED:
@@ -649,12 +650,15 @@ def grad(
     bounds: Segments = (),
     rank: int | None = None,
     *,
+    transposed: bool = False,
     config: dict | None = None,
 ) -> torch.Tensor:
     """scale * u.T @ x in fp32: x (M, K) any float dtype, u (M, R) fp32 -> (R, K). With bounds,
     K is cut into segments and u holds one rank-`rank` factor per segment, side by side:
     out[:, seg_i] = scale_i u[:, i r : (i + 1) r].T @ x[:, seg_i] (LoRA's dB_i^T for q, k and
-    v at once); no block may straddle a cut. config overrides CONFIGS["grad"]."""
+    v at once); no block may straddle a cut. transposed: the (R, K) result is the transpose of
+    a contiguous (K, R) buffer, so out[:, a:b].t() is contiguous (dB in B's own layout, which
+    autograd then adopts as B.grad without a copy). config overrides CONFIGS["grad"]."""
     m, k = x.shape
     r = rank if bounds else u.shape[1]
     b1, b2, scales, count = _segments(k, bounds, scale)
@@ -664,21 +668,24 @@ def grad(
             (u[:, i * r : (i + 1) * r].float().t() @ x[:, a:b].float()) * s
             for i, (a, b, s) in enumerate(zip(cuts, cuts[1:], scales))
         ]
-        return torch.cat(parts, dim=1)
+        out = torch.cat(parts, dim=1)
+        return out.t().contiguous().t() if transposed else out
     if m == 0:
-        return torch.zeros((r, k), dtype=torch.float32, device=x.device)
+        out = torch.zeros((k, r) if transposed else (r, k), dtype=torch.float32, device=x.device)
+        return out.t() if transposed else out
     pl = plan("grad", m, k, r, bounds, x.dtype, x.device, config)
     splits = pl["splits"]
-    partial = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
+    partial = torch.empty((splits, k, r) if transposed else (splits, r, k), dtype=torch.float32, device=x.device)
+    strides = (1, r) if transposed else (k, 1)
     out = torch.empty_like(partial[0]) if pl["fused_sum"] else partial
     counters = _counters(pl["grid"][0], x.device) if pl["fused_sum"] else partial
     _grad_kernel[pl["grid"]](
-        x, u, partial, out, counters, m, k, r, pl["rows"], b1, b2, *scales, 0.0, *x.stride(), *u.stride(),
+        x, u, partial, out, counters, m, k, r, pl["rows"], b1, b2, *scales, 0.0, *x.stride(), *u.stride(), *strides,
         **_launch(pl),
     )  # fmt: skip
-    if pl["fused_sum"]:
-        return out
-    return partial.sum(0) if splits > 1 else partial[0]  # the scales are applied in the kernel
+    if not pl["fused_sum"]:
+        out = partial.sum(0) if splits > 1 else partial[0]  # the scales are applied in the kernel
+    return out.t() if transposed else out
 
 
 def grad_and_down(

@@ -233,3 +233,19 @@ def test_the_fused_second_stage_leaves_its_counters_zeroed(monkeypatch):
         assert not counters.any()
         assert_close_to_fp64("down", g, (x.float() @ p.t()) * 0.5, (x.double() @ p.double().t()) * 0.5)
         assert_close_to_fp64("grad", db, (u.t() @ x.float()) * 0.5, (u.double().t() @ x.double()) * 0.5)
+
+
+@pytest.mark.parametrize("config", [None, dict(fused_sum=True), dict(parts="chained")])
+@pytest.mark.parametrize("bounds", [(), (64, 96)])
+def test_grad_transposed_is_the_same_values_in_b_s_layout(bounds, config):
+    """transposed=True: the same (R, K) values, stored so that each segment's .t() is contiguous
+    (dB in B's layout: autograd adopts it as B.grad without a copy); the PyTorch path too."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 128, generator=gen).bfloat16()
+    u = torch.randn(37, 24 if bounds else 8, generator=gen)
+    args = ((0.5, 2.0, 1.5), bounds, 8) if bounds else (0.5,)
+    plain = lowrank.grad(x, u, *args, config=config)
+    flipped = lowrank.grad(x, u, *args, transposed=True, config=config)
+    assert torch.equal(plain, flipped) and flipped.t().is_contiguous()
+    cuts = [0, *bounds, 128]
+    assert all(flipped[:, a:b].t().is_contiguous() for a, b in zip(cuts, cuts[1:]))
