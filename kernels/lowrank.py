@@ -80,6 +80,11 @@ _STACKED = tl.constexpr(2)  # one dot of the parts stacked side by side, each pa
 # counters, one buffer per device and stream, that the kernels leave zeroed).
 # rank64: what changes for ranks 33-64 (a 64-wide factor tile: q|k|v's merged 48); exact: for
 # fp16 and fp32 activations (exact fp32 dots on the CUDA cores: the tiles they had before).
+# down over a reduction this long (x A^T of down_proj, K = 14336) runs its parts chained: the
+# H200 sweep of run 1 (RESULTS.md, fifth session) measured 48 against 59.5 us stacked at 4096
+# tokens and 140 against 200.7 at 16384, both within the accuracy bound.
+LONG_K = 8192
+
 CONFIGS: dict[str, dict] = {
     "down": dict(
         block_m=128,
@@ -500,6 +505,8 @@ def plan(
     device = torch.device(device)
     br = _block_r(r)
     cfg = _config(op, config, br, exact=dtype != torch.bfloat16)
+    if op == "down" and not bounds and k >= LONG_K and cfg.get("parts") == "auto":
+        cfg["parts"] = "chained"
     out = dict(block_r=br, num_stages=cfg["num_stages"], parts=_parts(dtype, br, cfg.get("parts", "stacked")))
     stacked = 4 if out["parts"] == _STACKED.value else 1
     target = _target_programs(device, cfg["programs_per_sm"])

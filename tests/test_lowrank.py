@@ -249,3 +249,20 @@ def test_grad_transposed_is_the_same_values_in_b_s_layout(bounds, config):
     assert torch.equal(plain, flipped) and flipped.t().is_contiguous()
     cuts = [0, *bounds, 128]
     assert all(flipped[:, a:b].t().is_contiguous() for a, b in zip(cuts, cuts[1:]))
+
+
+def test_down_over_a_long_reduction_runs_its_parts_chained():
+    """x A^T of down_proj (K = 14336): chained parts, as the H200 sweep measured faster; shorter or
+    segmented reductions keep the stacked tile at rank <= 32; an explicit config still wins."""
+    assert lowrank.plan("down", 4096, 14336, 16, device="cpu")["parts"] == lowrank._CHAINED.value
+    assert lowrank.plan("down", 4096, 4096, 16, device="cpu")["parts"] == lowrank._STACKED.value
+    assert lowrank.plan("down", 4096, 28672, 16, (14336,), device="cpu")["parts"] == lowrank._STACKED.value
+    assert (
+        lowrank.plan("down", 4096, 14336, 16, device="cpu", config=dict(parts="stacked"))["parts"]
+        == lowrank._STACKED.value
+    )
+    gen = torch.Generator().manual_seed(2)
+    x, p = torch.randn(37, 8192 + 64, generator=gen).bfloat16(), torch.randn(8, 8192 + 64, generator=gen) * 0.05
+    ref = x.double() @ p.double().t() * 0.5
+    eager = (x.float() @ p.t()) * 0.5
+    assert_close_to_fp64("down, long K", lowrank.down(x, p, 0.5), eager, ref)
