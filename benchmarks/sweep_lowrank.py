@@ -52,7 +52,6 @@ CANDIDATES = {
         ("bm256 w8 pps1", dict(block_m=256, num_warps=8, programs_per_sm=1.0)),
         ("chained", dict(parts="chained")),
         ("stacked", dict(parts="stacked")),
-        ("fused sum", dict(fused_sum=True)),
     ],
     "grad": [
         ("bk128 s4 pps3", dict(num_stages=4, programs_per_sm=3.0)),
@@ -61,7 +60,6 @@ CANDIDATES = {
         ("bk64 s4 pps4", dict(block_k=64, num_stages=4, programs_per_sm=4.0)),
         ("chained", dict(parts="chained")),
         ("stacked", dict(parts="stacked")),
-        ("fused sum", dict(fused_sum=True)),
     ],
     "grad_and_down": [
         ("sub2 w4", dict(sub=2, num_warps=4)),
@@ -279,8 +277,7 @@ def plan_text(lowrank, op, m, k, rtot, bounds, config, device):
     parts = {0: "ex", 1: "ch", 2: "st"}.get(pl["parts"], "?")
     tiles = f"{pl['block_m']}x{pl['block_k']}" + (f"x{pl['sub']}" if "sub" in pl else "")
     grid = "x".join(str(g) for g in pl["grid"])
-    fused = " fused" if pl.get("fused_sum") else ""
-    return f"{parts} {tiles} w{pl['num_warps']} s{pl['num_stages']} grid {grid}{fused}"
+    return f"{parts} {tiles} w{pl['num_warps']} s{pl['num_stages']} grid {grid}"
 
 
 def main() -> None:

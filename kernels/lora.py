@@ -104,9 +104,14 @@ def _dense_weights(projections: Sequence[Projection], device: torch.device, extr
     rows = sum(p.out_features for p in projections)
     k = projections[0].in_features
     wide = torch.empty((rows, k + extra), dtype=projections[0].compute_dtype, device=device)
-    for p, part in zip(projections, wide[:, :k].split([p.out_features for p in projections])):
-        p.weight(part)
+    _dense_into(projections, wide[:, :k])
     return wide
+
+
+def _dense_into(projections: Sequence[Projection], out: torch.Tensor) -> None:
+    """Each projection's dense base weight into its block of rows of out (sum N_i, K)."""
+    for p, part in zip(projections, out.split([p.out_features for p in projections])):
+        p.weight(part)
 
 
 def _biases(projections: Sequence[Projection], biases, device: torch.device) -> torch.Tensor | None:
@@ -213,8 +218,7 @@ def _dense_rows(projections: Sequence[Projection], device: torch.device, As, ext
         return _dense_weights(projections, device)
     rows = sum(p.out_features for p in projections)
     w = torch.empty((rows + extra, projections[0].in_features), dtype=projections[0].compute_dtype, device=device)
-    for p, part in zip(projections, w[:rows].split([p.out_features for p in projections])):
-        p.weight(part)
+    _dense_into(projections, w[:rows])
     fold.fill_rows(w, As, rows)
     return w
 

@@ -48,8 +48,7 @@ so their accuracy is that of the plain products; one launch replaces one per seg
 Traffic: down and grad read X once (M K b bytes) plus the small factors; up_add reads and writes
 Y (2 M N b). Both down (over K) and grad (over M) split their reduction across programs until
 the grid has about programs_per_sm programs per SM: each split writes fp32 partials that are
-summed in a second, deterministic stage (a torch sum, or with fused_sum by the last split of
-each block, in split order). grad_and_down computes grad's and down's products of LoRA's
+summed in a second, deterministic stage (a torch sum). grad_and_down computes grad's and down's products of LoRA's
 backward from one read of the gradient D (their two calls read it twice).
 
 Launch parameters live in CONFIGS (and per call, config=...); plan() says what a call will run.
@@ -71,20 +70,18 @@ _EXACT = tl.constexpr(0)  # no parts: exact fp32 dots (fp16 and fp32 activations
 _CHAINED = tl.constexpr(1)  # three dots into one fresh accumulator per block
 _STACKED = tl.constexpr(2)  # one dot of the parts stacked side by side, each part summed apart
 
-# Tiles and launch of each op, overridable per call (config=...) or here (the sweep,
-# benchmarks/sweep_lowrank.py, times candidates through the former). programs_per_sm sets how far
-# down and grad split their reduction: until the grid has about that many programs per SM.
-# parts: "stacked", "chained" or "auto" (stacked up to rank 32: a stacked tile at most 128 wide).
-# num_warps None: 4 while the accumulator has at most 8192 entries (64 registers a thread), else 8.
-# fused_sum: the last split of each output block sums the partials (no second launch; arrival
-# counters, one buffer per device and stream, that the kernels leave zeroed).
-# rank64: what changes for ranks 33-64 (a 64-wide factor tile: q|k|v's merged 48); exact: for
-# fp16 and fp32 activations (exact fp32 dots on the CUDA cores: the tiles they had before).
 # down over a reduction this long (x A^T of down_proj, K = 14336) runs its parts chained: the
 # H200 sweep of run 1 (RESULTS.md, fifth session) measured 48 against 59.5 us stacked at 4096
 # tokens and 140 against 200.7 at 16384, both within the accuracy bound.
 LONG_K = 8192
 
+# Tiles and launch of each op, overridable per call (config=...) or here (the sweep,
+# benchmarks/sweep_lowrank.py, times candidates through the former). programs_per_sm sets how far
+# down and grad split their reduction: until the grid has about that many programs per SM.
+# parts: "stacked", "chained" or "auto" (stacked up to rank 32: a stacked tile at most 128 wide).
+# num_warps None: 4 while the accumulator has at most 8192 entries (64 registers a thread), else 8.
+# rank64: what changes for ranks 33-64 (a 64-wide factor tile: q|k|v's merged 48); exact: for
+# fp16 and fp32 activations (exact fp32 dots on the CUDA cores: the tiles they had before).
 CONFIGS: dict[str, dict] = {
     "down": dict(
         block_m=128,
@@ -93,7 +90,6 @@ CONFIGS: dict[str, dict] = {
         num_stages=4,
         programs_per_sm=2.0,
         parts="auto",
-        fused_sum=False,
         rank64=dict(num_warps=8, num_stages=3),
         exact=dict(block_m=64, num_warps=4, num_stages=3, programs_per_sm=4.0),
     ),
@@ -104,7 +100,6 @@ CONFIGS: dict[str, dict] = {
         num_stages=3,
         programs_per_sm=2.0,
         parts="auto",
-        fused_sum=False,
         exact=dict(block_k=64, num_warps=4, programs_per_sm=4.0),
     ),
     "up_add": dict(block_m=64, block_n=128, num_warps=4),
@@ -114,7 +109,7 @@ CONFIGS: dict[str, dict] = {
 # The tiling down and grad had up to commit 9f0f2e5 (64 x 64 tiles, 4 programs per SM, chained
 # parts; the sweep's "legacy" rows); up_add and grad_and_down have none older than CONFIGS'.
 LEGACY: dict[str, dict] = {
-    op: dict(block_m=64, block_k=64, num_warps=4, num_stages=3, programs_per_sm=4.0, parts="chained", fused_sum=False)
+    op: dict(block_m=64, block_k=64, num_warps=4, num_stages=3, programs_per_sm=4.0, parts="chained")
     for op in ("down", "grad")
 } | {"up_add": dict(CONFIGS["up_add"]), "grad_and_down": dict(CONFIGS["grad_and_down"])}
 MAX_TERMS = 64  # reduction terms one tensor-core dot may cover (block_k of down, block_m of grad)
@@ -187,31 +182,14 @@ def _pick(seg, a0, a1, a2):
 
 
 @triton.jit
-def _sum_splits(PARTIAL, OUT, COUNTER, offsets, mask, split_stride, splits):
-    """The fused second stage: the last of `splits` programs to store its partial block (at
-    PARTIAL + s split_stride + offsets, s < splits) sums the blocks in split order into OUT +
-    offsets, and rezeroes the block's arrival counter. Deterministic: the order is the splits',
-    not the arrivals'."""
-    tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
-    arrived = tl.atomic_add(COUNTER, 1, sem="acq_rel")  # release ours, acquire the others'
-    if arrived == splits - 1:
-        total = tl.load(PARTIAL + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-        for s in range(1, splits):
-            total += tl.load(PARTIAL + s * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(OUT + offsets, total, mask=mask)
-        tl.atomic_xchg(COUNTER, 0)
-
-
-@triton.jit
 def _down_kernel(
-    X, P, PARTIAL, OUT, COUNTER, M, K, R, b1, b2, s0, s1, s2, zero, splits, chunk,
+    X, P, PARTIAL, M, K, R, b1, b2, s0, s1, s2, zero, splits, chunk,
     sxm, sxk, spr, spk, sos, som, sor,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PARTS: tl.constexpr,
 ):  # fmt: skip
     """One (BM, R) block of the rows over one chunk of one segment's reduction range:
     PARTIAL[split][:, seg R : seg R + R] (fp32), scaled by the segment's scale. Chunks have one
-    length in every segment (a shorter segment leaves its last splits empty: they write zeros).
-    FUSED: the block's last split also sums them into OUT (_sum_splits)."""
+    length in every segment (a shorter segment leaves its last splits empty: they write zeros)."""
     pid, item = tl.program_id(0), tl.program_id(1)
     seg, split = item // splits, item % splits
     seg_start = _pick(seg, 0, b1, b2)
@@ -247,8 +225,6 @@ def _down_kernel(
     offsets = rm[:, None] * som + (seg * R + rr[None, :]) * sor
     mask = (rm[:, None] < M) & (rr[None, :] < R)
     tl.store(PARTIAL + split * sos + offsets, out * _pick(seg, s0, s1, s2), mask=mask)
-    if FUSED:
-        _sum_splits(PARTIAL, OUT, COUNTER + pid * 3 + seg, offsets, mask, sos, splits)
 
 
 @triton.jit
@@ -285,14 +261,13 @@ def _up_add_kernel(
 
 @triton.jit
 def _grad_kernel(
-    X, U, PARTIAL, OUT, COUNTER, M, K, R, rows_per_split, b1, b2, s0, s1, s2, zero,
+    X, U, PARTIAL, M, K, R, rows_per_split, b1, b2, s0, s1, s2, zero,
     sxm, sxk, sum_, sur, sor, sok,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PARTS: tl.constexpr,
 ):  # fmt: skip
     """PARTIAL[split][:, block] = s U[rows]^T X[rows, block] (fp32) for one BK block of columns
     (inside one segment) over one split of the rows; an (R, K) result stored with strides
-    (sor, sok) (K, 1, or 1, R for its transpose's layout). FUSED: the block's last split also
-    sums them into OUT (_sum_splits)."""
+    (sor, sok) (K, 1, or 1, R for its transpose's layout)."""
     pid_k, split = tl.program_id(0), tl.program_id(1)
     seg = _segment(pid_k * BK, b1, b2)  # blocks never straddle a segment boundary
     rk = tl.cast(pid_k, tl.int64) * BK + tl.arange(0, BK)
@@ -330,8 +305,6 @@ def _grad_kernel(
         offsets = rr[:, None] * sor + rk[None, :] * sok
         mask = (rr[:, None] < R) & (rk[None, :] < K)
         tl.store(PARTIAL + split * R * K + offsets, acc * scale, mask=mask)
-    if FUSED:
-        _sum_splits(PARTIAL, OUT, COUNTER + pid_k, offsets, mask, R * K, tl.num_programs(1))
 
 
 @triton.jit
@@ -549,7 +522,6 @@ def plan(
     else:
         raise ValueError(f"no plan for {op!r}")
     out.update(block_m=bm, block_k=bk, splits=splits, num_warps=_num_warps(cfg["num_warps"], out.pop("acc")))
-    out["fused_sum"] = bool(cfg.get("fused_sum")) and splits > 1
     return out
 
 
@@ -560,26 +532,9 @@ def _launch(pl: dict) -> dict:
         BK=pl["block_k"],
         BR=pl["block_r"],
         PARTS=pl["parts"],
-        FUSED=pl["fused_sum"],
         num_warps=pl["num_warps"],
         num_stages=pl["num_stages"],
     )
-
-
-_COUNTERS: dict = {}
-
-
-def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """n zeroed int32 arrival counters for a fused second stage, which leaves them zeroed: kept
-    per device and stream (launches in one stream run in order); fresh ones (a memset) while a
-    CUDA graph is being captured, whose memory must not outlive the graph."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
 
 
 def down(
@@ -601,14 +556,10 @@ def down(
     pl = plan("down", m, k, r, bounds, x.dtype, x.device, config)
     splits = pl["splits"]
     partial = torch.empty((splits, m, count * r), dtype=torch.float32, device=x.device)
-    out = torch.empty_like(partial[0]) if pl["fused_sum"] else partial
-    counters = _counters(pl["grid"][0] * 3, x.device) if pl["fused_sum"] else partial
     _down_kernel[pl["grid"]](
-        x, p, partial, out, counters, m, k, r, b1, b2, *scales, 0.0, splits, pl["chunk"],
+        x, p, partial, m, k, r, b1, b2, *scales, 0.0, splits, pl["chunk"],
         *x.stride(), *p.stride(), *partial.stride(), **_launch(pl),
     )  # fmt: skip
-    if pl["fused_sum"]:
-        return out
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -684,14 +635,11 @@ def grad(
     splits = pl["splits"]
     partial = torch.empty((splits, k, r) if transposed else (splits, r, k), dtype=torch.float32, device=x.device)
     strides = (1, r) if transposed else (k, 1)
-    out = torch.empty_like(partial[0]) if pl["fused_sum"] else partial
-    counters = _counters(pl["grid"][0], x.device) if pl["fused_sum"] else partial
     _grad_kernel[pl["grid"]](
-        x, u, partial, out, counters, m, k, r, pl["rows"], b1, b2, *scales, 0.0, *x.stride(), *u.stride(), *strides,
+        x, u, partial, m, k, r, pl["rows"], b1, b2, *scales, 0.0, *x.stride(), *u.stride(), *strides,
         **_launch(pl),
     )  # fmt: skip
-    if not pl["fused_sum"]:
-        out = partial.sum(0) if splits > 1 else partial[0]  # the scales are applied in the kernel
+    out = partial.sum(0) if splits > 1 else partial[0]  # the scales are applied in the kernel
     return out.t() if transposed else out
 
 

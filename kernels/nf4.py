@@ -241,7 +241,6 @@ def _dequantize_4bit_kernel(
     EVEN: tl.constexpr,
     ODD: tl.constexpr,
     ROW_GAP: tl.constexpr,
-    ROWS_HOLD_BLOCKS: tl.constexpr,
 ):
     # One program owns BLOCKS_PER_PROGRAM whole quantization blocks: a (blocks, bytes) tile of
     # codes, one scale per tile row. The two values of a byte are packed into one 2x-wide integer
@@ -279,12 +278,7 @@ def _dequantize_4bit_kernel(
         high_bits = high.to(tl.uint32, bitcast=True).to(tl.uint64)
         low_bits = low.to(tl.uint32, bitcast=True).to(tl.uint64)
         pairs = ((low_bits << 32) | high_bits).to(tl.int64, bitcast=True)
-    if ROW_GAP and ROWS_HOLD_BLOCKS:  # a row is whole blocks: one division per block, not per byte
-        store_offs = byte_offs + (block_ids // (row_pairs // HALF) * gap_pairs)[:, None]
-    elif ROW_GAP:
-        store_offs = byte_offs + (byte_offs // row_pairs) * gap_pairs
-    else:
-        store_offs = byte_offs
+    store_offs = byte_offs + (byte_offs // row_pairs) * gap_pairs if ROW_GAP else byte_offs
     if EVEN:
         tl.store(OUT_PAIRS + store_offs, pairs)
     else:
@@ -357,7 +351,6 @@ def dequantize_triton(weight: Nf4Weight, out: torch.Tensor | None = None) -> tor
         EVEN=n % tile == 0,
         ODD=n % 2 == 1,
         ROW_GAP=gap > 0,
-        ROWS_HOLD_BLOCKS=out.shape[-1] % weight.blocksize == 0,
         num_warps=_WARPS,
         enable_fp_fusion=False,
     )

@@ -254,7 +254,7 @@ def drive_lowrank() -> None:
             lowrank.grad(x, u, (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds, rank=8)
             lowrank.up_add_(x.clone(), u, b, (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds=bounds)
             lowrank.grad_and_down(x, u, b.t(), (0.5, 2.0, 1.5)[: len(bounds) + 1], bounds, rank=8)
-        for config in (dict(fused_sum=True), dict(fused_sum=True, parts="chained")):
+        for config in (dict(parts="chained"), dict(block_m=32, block_k=16)):
             lowrank.down(x, b.t(), 0.5, config=config)
             lowrank.grad(x, u, 0.5, config=config)
 

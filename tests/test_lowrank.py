@@ -110,9 +110,9 @@ CONFIG_CASES = {
         dict(block_m=32, block_k=16, parts="chained"),
         dict(block_m=16, block_k=32, parts="chained", num_warps=8),
     ),
-    "fused second stage": (
-        dict(block_m=128, block_k=16, fused_sum=True),
-        dict(block_m=16, block_k=256, fused_sum=True, parts="chained"),
+    "narrow and deep tiles": (
+        dict(block_m=128, block_k=16),
+        dict(block_m=16, block_k=256, parts="chained"),
     ),
     "stacked, wide tiles": (
         dict(block_m=256, block_k=32, parts="stacked", num_warps=8),
@@ -218,24 +218,7 @@ def test_grad_and_down_is_grad_and_down(m, n, r, bounds, config, dtype):
         )
 
 
-def test_the_fused_second_stage_leaves_its_counters_zeroed(monkeypatch):
-    """The last split of each block sums the partials and rezeroes the block's arrival counter:
-    the next launch can take the same counters (as on a GPU, where they are kept per stream)."""
-    counters = torch.zeros(4096, dtype=torch.int32)
-    monkeypatch.setattr(lowrank, "_counters", lambda n, device: counters)
-    x, p, u = torch.randn(150, 208, dtype=torch.bfloat16), torch.randn(16, 208) * 0.05, torch.randn(150, 16)
-    down_config, grad_config = dict(block_m=128, block_k=16, fused_sum=True), dict(block_m=16, fused_sum=True)
-    assert lowrank.plan("down", 150, 208, 16, device="cpu", config=down_config)["fused_sum"]
-    assert lowrank.plan("grad", 150, 208, 16, device="cpu", config=grad_config)["fused_sum"]
-    for _ in range(2):
-        g = lowrank.down(x, p, 0.5, config=down_config)
-        db = lowrank.grad(x, u, 0.5, config=grad_config)
-        assert not counters.any()
-        assert_close_to_fp64("down", g, (x.float() @ p.t()) * 0.5, (x.double() @ p.double().t()) * 0.5)
-        assert_close_to_fp64("grad", db, (u.t() @ x.float()) * 0.5, (u.double().t() @ x.double()) * 0.5)
-
-
-@pytest.mark.parametrize("config", [None, dict(fused_sum=True), dict(parts="chained")])
+@pytest.mark.parametrize("config", [None, dict(block_m=16), dict(parts="chained")])
 @pytest.mark.parametrize("bounds", [(), (64, 96)])
 def test_grad_transposed_is_the_same_values_in_b_s_layout(bounds, config):
     """transposed=True: the same (R, K) values, stored so that each segment's .t() is contiguous
