@@ -422,7 +422,7 @@ class LoraMLPFunction(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)), each a LoRA projection; params: (A, B, bias) x 3."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_eps, gate, up, down, *params):
+    def forward(ctx, x, norm_weight, norm_eps, gate, up, down, need_output, *params):
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         x2 = _flat(x)
         xn, r, x_ext = _node_input(x2, norm_weight, norm_eps, [gate, up], As[:2])
@@ -430,7 +430,14 @@ class LoraMLPFunction(torch.autograd.Function):
         del xn, x_ext
         h_ext = _wide(e.shape[0], e.shape[1], fold_columns([down], As[2:], e.dtype), e, e.dtype)
         h = silu_mul(e, g, out=None if h_ext is None else h_ext[:, : e.shape[1]])
-        (out,), (u_down,), (state_down,) = lora_forward(h, [down], As[2:], Bs[2:], biases[2:], h_ext)
+        if need_output:
+            (out,), (u_down,), (state_down,) = lora_forward(h, [down], As[2:], Bs[2:], biases[2:], h_ext)
+        else:
+            # a checkpoint's recompute, which only needs what backward saves: down's u (the same
+            # call lora_forward makes), not down's GEMM (a third of the MLP's FLOPs). The output
+            # is NaN so that a caller using it anyway gets no plausible wrong answer.
+            _, (u_down,), (state_down,) = _downs(h, [down], As[2:])
+            out = torch.full((h.shape[0], down.out_features), float("nan"), dtype=h.dtype, device=h.device)
         del h, h_ext
         eg = e._base if e._base is not None else torch.cat([e, g], dim=1)  # [e | g], one buffer
         ctx.save_for_backward(x2, norm_weight, r, eg, *As, *Bs, *us_in, u_down)
@@ -472,7 +479,7 @@ class LoraMLPFunction(torch.autograd.Function):
         del xn, deg, de, dg
         dx, dw = _norm_backward(ctx, dxn, x2, norm_weight, r)
         params = [grad for triple in zip((*dA_in, dA_d), (*dB_in, dB_d), (*db_in, db_d)) for grad in triple]
-        return (dx.view(ctx.x_shape), dw, None, None, None, None, *params)
+        return (dx.view(ctx.x_shape), dw, None, None, None, None, None, *params)
 
 
 def lora_linears(
@@ -494,8 +501,10 @@ def lora_mlp(
     down: Projection,
     *params: torch.Tensor | None,
     norm: tuple[torch.Tensor, float] | None = None,
+    need_output: bool = True,
 ):
     """down(silu(gate(x)) * up(x)) with LoRA on all three; params are (A, B, bias) x 3. With
-    norm=(weight, eps) the MLP reads RMSNorm(x)."""
+    norm=(weight, eps) the MLP reads RMSNorm(x). need_output=False is for recomputing the
+    saved tensors only: down's GEMM is skipped and the output is NaN."""
     weight, eps = norm if norm is not None else (None, 0.0)
-    return LoraMLPFunction.apply(x, weight, eps, gate, up, down, *params)
+    return LoraMLPFunction.apply(x, weight, eps, gate, up, down, need_output, *params)

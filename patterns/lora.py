@@ -254,6 +254,10 @@ def bind_mlp(group: ModuleGroup, with_norm: bool = False) -> ModuleBinding | str
     def lora_swiglu_mlp(x, norm_weight, *params):
         return lora_mlp(x, gate, up, down, *params, norm=_norm_arg(norm_weight, eps))
 
+    def recomputed(x, norm_weight, *params):  # what a checkpoint's recompute needs (rewriter/checkpoint.py)
+        return lora_mlp(x, gate, up, down, *params, norm=_norm_arg(norm_weight, eps), need_output=False)
+
+    lora_swiglu_mlp.recompute_without_output = recomputed
     return ModuleBinding([x, weight, *params], group.outputs, lora_swiglu_mlp)
 
 

@@ -6,7 +6,8 @@ pattern would apply inside them. When the model asks for checkpointing, graft ca
 layers inline (their flags are off during its calls) and puts the checkpoint back here, on the
 rewritten graph: each chosen layer's nodes become one region run under non-reentrant
 torch.utils.checkpoint, which keeps only the region's inputs and recomputes the rest (our fused
-nodes included) in backward, with the forward's RNG state (dropout masks match).
+nodes included) in backward, with the forward's RNG state (dropout masks match). The recompute
+skips work no saved tensor needs (the MLP's down GEMM: its output only feeds the residual add).
 """
 
 from __future__ import annotations
@@ -21,10 +22,54 @@ import torch.utils.checkpoint
 from torch.fx import Node
 
 
-def run_checkpointed(region: torch.fx.GraphModule, random: bool, *args: Any) -> Any:
+def run_checkpointed(region: torch.fx.GraphModule, recompute: torch.fx.GraphModule, random: bool, *args: Any) -> Any:
+    """region(*args) under non-reentrant checkpoint; backward recomputes through `recompute`
+    (the region without the work whose result no saved tensor needs, see _recompute_variant)."""
+    calls = 0
+
+    def run(*inputs: Any) -> Any:
+        nonlocal calls  # checkpoint calls this once in forward, then once for each recompute
+        calls += 1
+        return (region if calls == 1 else recompute)(*inputs)
+
     # The RNG state is saved and restored only for a region that draws random numbers: it costs
     # host time, and reading the CUDA generator's state is not allowed inside a CUDA graph capture.
-    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, preserve_rng_state=random)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=random)
+
+
+# Ops whose backward keeps no tensor: a value flowing only through them into the region's
+# outputs is never needed by a recompute, which keeps the saved tensors and drops the outputs.
+_SAVES_NOTHING = {operator.add, torch.add, "add"}
+
+
+def _recompute_variant(region: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The region as its recompute runs it: a node whose replacement offers
+    `recompute_without_output` (the LoRA MLP: down's GEMM, a third of the MLP's FLOPs) calls that
+    instead when its output reaches the region's outputs only through ops that save nothing
+    (the residual add). Non-reentrant checkpoint discards the recomputed outputs and keeps only
+    the saved tensors, which the variant computes exactly as the forward did."""
+    graph = torch.fx.Graph()
+    copied: dict[Node, Node] = {}
+    graph.output(graph.graph_copy(region.graph, copied))
+    changed = False
+    for n in graph.nodes:
+        cheaper = getattr(n.target, "recompute_without_output", None) if n.op == "call_function" else None
+        if cheaper is not None and _reaches_only_outputs(n):
+            n.target, changed = cheaper, True
+    return torch.fx.GraphModule(region, graph) if changed else region
+
+
+def _reaches_only_outputs(node: Node) -> bool:
+    pending, seen = list(node.users), set()
+    while pending:
+        user = pending.pop()
+        if user in seen or user.op == "output":
+            continue
+        seen.add(user)
+        if user.op not in ("call_function", "call_method") or user.target not in _SAVES_NOTHING:
+            return False
+        pending.extend(user.users)
+    return True
 
 
 _SAMPLERS = {"bernoulli", "normal", "uniform", "multinomial", "poisson", "exponential", "geometric", "cauchy"}
@@ -82,7 +127,10 @@ def checkpoint_regions(
             continue
         modules[name] = _collapse(gm, graph, nodes, name, len(modules))
     graph.lint()
-    attributes = {_attr(name): module for name, module in modules.items()}
+    attributes = {}
+    for name, module in modules.items():
+        attributes[_attr(name)] = module
+        attributes[_attr(name) + "_recompute"] = _recompute_variant(module)
     for n in graph.nodes:
         if n.op == "get_attr" and n.target not in attributes:
             attributes[n.target] = getattr(gm, n.target)
@@ -116,8 +164,8 @@ def _collapse(gm, graph: torch.fx.Graph, nodes: list[Node], name: str, index: in
     sub.output(tuple(env[o] for o in outputs))
     region = torch.fx.GraphModule(gm, sub)
     with graph.inserting_before(nodes[0]):
-        module = graph.get_attr(_attr(name))
-        call = graph.call_function(run_checkpointed, (module, draws_random_numbers(nodes), *inputs))
+        module, recompute = graph.get_attr(_attr(name)), graph.get_attr(_attr(name) + "_recompute")
+        call = graph.call_function(run_checkpointed, (module, recompute, draws_random_numbers(nodes), *inputs))
         items = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
     for out, item in zip(outputs, items):
         item.meta = dict(out.meta)
