@@ -6,7 +6,9 @@ q,k,v,o,gate,up,down, AdamW lr 1e-4, random token batches (ids 3..vocab-1, label
 Median step time over steps 3..8; peak = torch.cuda.max_memory_allocated over the steps (graft's
 optimize(), which verifies against the original model, is reported apart as optimize_peak_gib); host
 ms = the median time for the host to issue a step (forward, backward, optimizer) before it waits
-for the loss: near the step time when the host, not the GPU, is the limit.
+for the loss: near the step time when the host, not the GPU, is the limit. replay (graft with CUDA
+graphs) = the captured forward and backward replayed back to back: the step's GPU time with the
+gaps between its kernels, so step ms less replay is what the host exposes after each loss sync.
 Each variant runs in its own process (a driver spawns workers), so peaks do not mix.
 
     python benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 \
@@ -173,6 +175,8 @@ def worker(spec: dict) -> dict:
         result["profile"] = profile_step(
             model, opt, data[-1], spec["profile"], f"{variant}_{'ckpt' if ckpt else 'nockpt'}"
         )
+    if variant == "graft" and device == "cuda":
+        result["replay_ms"] = replay_only(model)
     if variant.startswith("graft"):
         rep = report(model)
         result["report"] = str(rep)
@@ -192,6 +196,30 @@ def worker(spec: dict) -> dict:
     )
     result["mfu"] = result["tokens_per_s"] * flops_per_token(shape, ckpt) / (PEAK_TFLOPS * 1e12)
     return result
+
+
+def replay_only(model, repeats: int = 5) -> float | None:
+    """The median time of the captured forward and backward graphs replayed back to back, with
+    no host work between them: the step's GPU time including the gaps between its kernels.
+    The step time less this is what the host exposes (its work after each step's loss sync)."""
+    import importlib
+
+    import torch
+
+    sessions = importlib.import_module("rewriter.optimize")._SESSIONS
+    captures = [g.replayer.capture for s in sessions.values() for g in s.graphs if g.replayer and g.replayer.capture]
+    if len(captures) != 1:
+        return None
+    capture, times = captures[0], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        capture.forward_graph.replay()
+        capture.backward_graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    capture.pending = False
+    return statistics.median(times)
 
 
 def profile_step(model, opt, batch: dict, folder: str, name: str) -> dict:
@@ -241,7 +269,7 @@ def run_variant(spec: dict, timeout: float) -> dict:
 def table(results: list[dict]) -> str:
     rows = [
         f"{'shape':<10} {'seq x b':>9} {'variant':<11} {'ckpt':<4} {'tok/s':>8} {'ratio':>6} {'peak GiB':>8} "
-        f"{'MFU':>5} {'host ms':>7} {'loss0':>8} {'dloss max':>9}"
+        f"{'MFU':>5} {'host ms':>7} {'step ms':>7} {'replay':>6} {'loss0':>8} {'dloss max':>9}"
     ]
     for r in results:
         key = (r["shape"], r["seq"], r["batch"], r["checkpointing"])
@@ -257,7 +285,7 @@ def table(results: list[dict]) -> str:
         dloss = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"])) if base else math.nan
         rows.append(
             f"{head} {r['tokens_per_s']:>8.0f} {ratio:>6.2f} {r['peak_gib']:>8.2f} {r['mfu']:>5.2f} "
-            f"{r.get('host_s', math.nan) * 1e3:>7.0f} "
+            f"{r.get('host_s', math.nan) * 1e3:>7.0f} {r['step_s'] * 1e3:>7.1f} {r.get('replay_ms') or math.nan:>6.1f} "
             f"{r['losses'][0]:>8.4f} {dloss:>9.1e}"
         )
     return "\n".join(rows)
