@@ -31,12 +31,22 @@ What a replay keeps safe:
 - Activations live in the pool until backward. While a replayed forward waits for its backward,
   another forward runs eagerly (e.g. two forwards before one backward); a backward through a
   step that a later replay has overwritten raises instead of returning wrong gradients.
+
+Early launch: the host's work before a replay (the training call's own checks, Dynamo's guards
+and its list of 1,638 inputs) leaves the GPU idle after each step's loss sync. So the session
+asks the replayer that ran last to `speculate` on the call's named inputs as soon as it enters:
+the batch is copied in (by the call inputs the last replay read it from) and the forward graph
+launched. When Dynamo then calls the graph, the replay is adopted only if every check a replay
+makes passes and the batch inputs are the very tensors copied, unmodified (same version);
+otherwise it is discarded (after waiting for it, so nothing reuses its memory under it) and the
+call runs as it would have. A launch is never a result: Dynamo's guards still decide.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +57,7 @@ import torch.utils._pytree as pytree
 from rewriter.checkpoint import draws_random_numbers
 
 Signature = tuple[Any, ...]
+_CLOCK = itertools.count(1)
 
 
 def why_not(fn: Callable[..., Any], args: Sequence[Any]) -> str | None:
@@ -121,12 +132,26 @@ class _Token:
     """Lives as long as one replayed step's autograd graph (dropped without backward: not pending)."""
 
 
+@dataclass(eq=False)
+class _Launch:
+    """A forward replay launched ahead of its call (module docstring, early launch)."""
+
+    batch: list[torch.Tensor]  # the call's tensors copied in, by capture.copied
+    versions: list[int]
+    done: torch.cuda.Event
+
+    def matches(self, capture: _Capture, tensors: Sequence[torch.Tensor]) -> bool:
+        inputs = [tensors[i] for i in capture.copied]
+        return all(a is b and a._version == v for a, b, v in zip(inputs, self.batch, self.versions))
+
+
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, capture: _Capture, *inputs: torch.Tensor):
-        for k, i in capture.copy_in:  # inputs: the capture's `through` inputs
-            capture.inputs[i].copy_(inputs[k])
-        capture.forward_graph.replay()
+    def forward(ctx, capture: _Capture, launched: bool, *inputs: torch.Tensor):
+        if not launched:
+            for k, i in capture.copy_in:  # inputs: the capture's `through` inputs
+                capture.inputs[i].copy_(inputs[k])
+            capture.forward_graph.replay()
         capture.generation += 1
         capture.pending = True
         ctx.capture, ctx.generation = capture, capture.generation
@@ -157,7 +182,13 @@ class _Replay(torch.autograd.Function):
         capture.pending = False
         # copies: autograd would adopt a returned buffer as a parameter's .grad, and the next
         # replay would then overwrite gradients being accumulated
-        return (None, *_fresh_copies([capture.grad_inputs[i] for i in capture.through]))
+        return (None, None, *_fresh_copies([capture.grad_inputs[i] for i in capture.through]))
+
+
+def _wait(launch: _Launch | None) -> None:
+    """A discarded early launch: wait for it before its pool or inputs are used again."""
+    if launch is not None:
+        launch.done.synchronize()
 
 
 def _fresh_copies(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -194,8 +225,17 @@ class Replayer:
     """Runs `fn(*args)` (a rewritten graph) eagerly or from its captured CUDA graphs (module
     docstring). `status(line, failure)` is told what happens, for the report."""
 
-    def __init__(self, status: Callable[[str, bool], None], loss_bounds: dict[torch.dtype, float]):
+    def __init__(
+        self,
+        status: Callable[[str, bool], None],
+        loss_bounds: dict[torch.dtype, float],
+        call_inputs: Callable[[], Mapping[str, Any]] = dict,
+    ):
         self.status, self.loss_bounds = status, loss_bounds
+        self.call_inputs = call_inputs  # the named inputs of the training call in progress
+        self.batch_keys: list[str] | None = None  # which call input each copied input was, last replay
+        self.launch: _Launch | None = None
+        self.replayed_at = 0  # _CLOCK at this replayer's last replay (the session launches early on the latest)
         self.capture: _Capture | None = None
         self.captured_signature: Signature | None = None
         self.last_signature: Signature | None = None
@@ -211,13 +251,21 @@ class Replayer:
             self.eligible[sig] = why_not(fn, args)
         why = self.disabled or self.eligible[sig] or _why_not_now()
         if why is not None:
+            _wait(self.launch)
+            self.launch = None
             self.status(f"off: {why}", False)
             return fn(*args)
+        launch, self.launch = self.launch, None
         if self.capture is not None and sig == self.captured_signature and not self.capture.pending:
             tensors = [args[i] for i in self.capture.positions]
             if self.capture.reads_in_place(tensors):
-                return self._replay(tensors)
+                launched = launch is not None and launch.matches(self.capture, tensors)
+                if not launched:
+                    _wait(launch)
+                return self._replay(tensors, launched)
+            _wait(launch)
             self.release()  # a parameter or constant input moved: capture again
+        _wait(launch)
         seen_before, self.last_signature = self.last_signature == sig, sig
         previous, self.last_inputs = self.last_inputs, [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)]
         if not seen_before or (self.capture is not None and self.capture.pending):
@@ -227,13 +275,42 @@ class Replayer:
 
     def release(self) -> None:
         """Drop the capture (its pool is freed with it)."""
+        _wait(self.launch)
+        self.launch = self.batch_keys = None
         if self.capture is not None:
             self.capture = self.captured_signature = None
             torch.cuda.empty_cache()
 
-    def _replay(self, tensors: Sequence[torch.Tensor]) -> Any:
+    def speculate(self, named: Mapping[str, Any]) -> None:
+        """Launch the captured forward on this call's batch now, before Dynamo's guards (module
+        docstring); __call__ adopts it or discards it."""
+        c, keys = self.capture, self.batch_keys
+        if c is None or c.pending or keys is None or self.disabled or _why_not_now() is not None:
+            return
+        _wait(self.launch)
+        self.launch = None
+        batch = [named.get(key) for key in keys]
+        statics = [c.inputs[i] for i in c.copied]
+        if not all(
+            isinstance(t, torch.Tensor) and t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
+            for t, s in zip(batch, statics)
+        ):
+            return
+        for s, t in zip(statics, batch):
+            s.copy_(t)
+        c.forward_graph.replay()
+        done = torch.cuda.Event()
+        done.record()
+        self.launch = _Launch(batch, [t._version for t in batch], done)
+
+    def _replay(self, tensors: Sequence[torch.Tensor], launched: bool = False) -> Any:
         c = self.capture
-        outs = iter(_Replay.apply(c, *[tensors[i] for i in c.through]))
+        if not launched:  # learn where the batch comes from, for the next call's early launch
+            named = self.call_inputs()
+            keys = [next((k for k, v in named.items() if v is tensors[i]), None) for i in c.copied]
+            self.batch_keys = keys if None not in keys else None
+        self.replayed_at = next(_CLOCK)
+        outs = iter(_Replay.apply(c, launched, *[tensors[i] for i in c.through]))
         flat = [next(outs) if isinstance(o, torch.Tensor) else o for o in c.outputs]
         return pytree.tree_unflatten(flat, c.spec)
 

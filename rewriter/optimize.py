@@ -227,6 +227,8 @@ class _Session:
         self.param_names = {id(p): name for name, p in hf.named_parameters()}
         self.class_flags: dict[type, Any] = {}  # each module class's gradient_checkpointing default
         self.leaf_paths: dict[tuple[int, ...], tuple[str, ...]] = {}
+        self.replayers: list[Replayer] = []  # one per captured graph (rewriter/cuda_graphs.py)
+        self.call_inputs: dict[str, Any] = {}  # the named inputs of the training call in progress
         self.ran = False
         self.bypass = False  # run the original forward (the whole-model check's reference)
         self.checkpoint_layers: tuple[str, ...] = ()
@@ -250,6 +252,11 @@ class _Session:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.bypass or not (self.hf.training and torch.is_grad_enabled()):
             return self.original_forward(*args, **kwargs)
+        # positional input_ids only: anything more positional is not judged (the mask is built)
+        named = dict(kwargs, input_ids=args[0]) if len(args) == 1 else kwargs
+        latest = max(self.replayers, key=lambda r: r.replayed_at, default=None)
+        if latest is not None and latest.replayed_at:  # the GPU starts on the batch while the host checks
+            latest.speculate(named)
         self.ran = False
         graphs_before, breaks_before = len(self.graphs), graph_break_reasons()
         flagged = self._checkpointing_flagged()
@@ -261,16 +268,16 @@ class _Session:
             kwargs.setdefault("use_cache", False)
             self.report.checkpointing = f"graft's own, {len(self.checkpoint_layers)} layer(s)"
         hooks = self._input_grad_hooks()
-        # positional input_ids only: anything more positional is not judged (the mask is built)
-        named = dict(kwargs, input_ids=args[0]) if len(args) == 1 else kwargs
         try:
             for m in flagged:
                 m.gradient_checkpointing = False
             for key in hooks:
                 del hooks[key][0][key]
             capture.SKIP_MASKS = len(args) <= 1 and capture.eager_skips_mask(self.hf.config, named)
+            self.call_inputs = named
             out = self.compiled(*args, **kwargs)
         finally:
+            self.call_inputs = {}
             capture.SKIP_MASKS = False
             for m in flagged:
                 m.gradient_checkpointing = True
@@ -384,7 +391,9 @@ class _Session:
                     raise GraftError(f"graft: CUDA graphs {line}")
 
         loss_bounds = {dtype: bounds[0] for dtype, bounds in WHOLE_MODEL_BOUNDS.items()}
-        return Replayer(status, loss_bounds)
+        replayer = Replayer(status, loss_bounds, lambda: self.call_inputs)
+        self.replayers.append(replayer)
+        return replayer
 
     # -- verifying -------------------------------------------------------------------------
     def first_call(self, model: torch.nn.Module, sample: dict[str, Any]) -> None:

@@ -176,3 +176,34 @@ def test_backward_through_an_overwritten_step_raises():
     model(**_fixed_batches(4)).loss.backward()  # replays over old's activations
     with pytest.raises(RuntimeError, match="overwritten"):
         old.backward()
+
+
+@needs_cuda
+def test_early_launch_is_adopted_when_the_call_matches_and_discarded_when_not(monkeypatch):
+    """Each replayed step launches its forward as the call enters (one forward and one backward
+    replay a step, not two forwards); a moved parameter or a new batch shape discards the early
+    launch and the step still equals the eager twin's."""
+    graphed, eager = _cuda_twins()
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(self), replay(self))[1])
+
+    def step(m, b):
+        loss = m(**b).loss
+        loss.backward()
+        return loss.item()
+
+    for m in (graphed, eager):
+        m.train()
+        for s in range(3):  # the graphed model captures on its second call
+            step(m, _fixed_batches(s))
+    replays.clear()
+    assert step(graphed, _fixed_batches(3)) == pytest.approx(step(eager, _fixed_batches(3)), rel=1e-3)
+    assert len(replays) == 2 and replays[0] is not replays[1]  # adopted: forward, then backward
+    for m in (graphed, eager):  # a parameter moves to new storage: replay must not read the old one
+        lora_b = next(p for n, p in m.named_parameters() if "lora_B" in n)
+        lora_b.data = lora_b.data.clone() + 0.01
+    assert step(graphed, _fixed_batches(4)) == pytest.approx(step(eager, _fixed_batches(4)), rel=1e-3)
+    longer = {k: torch.cat([v, v], dim=1) for k, v in _fixed_batches(5).items()}
+    assert step(graphed, longer) == pytest.approx(step(eager, longer), rel=1e-3)
+    assert report(graphed).cuda_graphs.startswith("on:"), str(report(graphed))
