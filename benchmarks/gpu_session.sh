@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh fold     # the LoRA fold: GPU tests, rank-r kernel sweep, 2048x2 both modes
 #   bash benchmarks/gpu_session.sh step     # the fold's second round, issue 3's rope/swiglu sweep, 2048x2 both modes
 #   bash benchmarks/gpu_session.sh last     # GPU tests, 2048x2 both modes and 16384x1, all profiled
+#   bash benchmarks/gpu_session.sh early    # GPU tests, then 2048x2 both modes (the early forward launch)
 #   bash benchmarks/gpu_session.sh gaps     # 2048x2 without checkpointing (step vs replay time), Mistral both modes
 #   bash benchmarks/gpu_session.sh final    # issue 6's 16384x1 (profiled) and Mistral rows
 #   bash benchmarks/gpu_session.sh graphs   # CUDA-graph replay: its GPU tests, 2048x2 both modes, Mistral
@@ -36,6 +37,10 @@ case "${1:-e2e}" in
     run tests 90 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
     run e2e_2048 270 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 110 --profile "$out" --out "$out/e2e_2048.json"
     run e2e_16k 240 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 150 --verify-tokens 4096 --profile "$out" --out "$out/e2e_16k.json"
+    ;;
+  early)  # the forward replay launched as the call enters: its GPU tests, then 2048x2 both modes
+    run tests 110 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
+    run e2e_2048 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 120 --out "$out/e2e_2048.json"
     ;;
   gaps)  # where the no-checkpointing step's time beyond its kernels goes; the Mistral rows
     run e2e_2048 200 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing no --timeout 110 --out "$out/e2e_2048.json"
