@@ -110,6 +110,7 @@ class _Capture:
     spec: pytree.TreeSpec
     grad_outputs: list[torch.Tensor | None]  # backward reads the incoming gradients here
     grad_inputs: list[torch.Tensor | None]  # and writes the inputs' gradients here
+    mutates_inputs: bool  # the forward writes an input in place: never launched early
     generation: int = 0  # forward replays so far
     pending: bool = False  # a replayed forward waits for its backward
 
@@ -285,8 +286,8 @@ class Replayer:
         """Launch the captured forward on this call's batch now, before Dynamo's guards (module
         docstring); __call__ adopts it or discards it."""
         c, keys = self.capture, self.batch_keys
-        if c is None or c.pending or keys is None or self.disabled or _why_not_now() is not None:
-            return
+        if c is None or c.pending or c.mutates_inputs or keys is None or self.disabled or _why_not_now() is not None:
+            return  # (an early launch that writes an input would write it twice when discarded)
         _wait(self.launch)
         self.launch = None
         batch = [named.get(key) for key in keys]
@@ -361,8 +362,10 @@ def _capture(fn: Callable[..., Any], args: Sequence[Any], previous: Sequence[Any
     torch.cuda.empty_cache()  # the eager step's cached blocks: the pool below takes their place
     pool = torch.cuda.graph_pool_handle()
     forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    versions = [x._version for x in inputs]
     with torch.cuda.graph(forward_graph, pool=pool, capture_error_mode="thread_local"):
         outputs, spec = pytree.tree_flatten(fn(*full))
+    mutates_inputs = any(x._version != v for x, v in zip(inputs, versions))
     differentiable = [o for o in _tensors(outputs) if o.requires_grad]
     grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in _tensors(outputs)]
     wanted = [x for x in inputs if x.requires_grad]
@@ -374,7 +377,18 @@ def _capture(fn: Callable[..., Any], args: Sequence[Any], previous: Sequence[Any
             )
     it = iter(grads)
     grad_inputs = [next(it) if x.requires_grad else None for x in inputs]
-    return _Capture(forward_graph, backward_graph, positions, inputs, copied, outputs, spec, grad_outputs, grad_inputs)
+    return _Capture(
+        forward_graph,
+        backward_graph,
+        positions,
+        inputs,
+        copied,
+        outputs,
+        spec,
+        grad_outputs,
+        grad_inputs,
+        mutates_inputs,
+    )
 
 
 def _worst_difference(
