@@ -251,22 +251,20 @@ class Replayer:
         if sig not in self.eligible:
             self.eligible[sig] = why_not(fn, args)
         why = self.disabled or self.eligible[sig] or _why_not_now()
+        launch, self.launch = self.launch, None
+        c = self.capture if why is None and sig == self.captured_signature else None
+        tensors = [args[i] for i in c.positions] if c is not None and not c.pending else None
+        replayable = tensors is not None and c.reads_in_place(tensors)
+        launched = replayable and launch is not None and launch.matches(c, tensors)
+        if not launched:
+            _wait(launch)
         if why is not None:
-            _wait(self.launch)
-            self.launch = None
             self.status(f"off: {why}", False)
             return fn(*args)
-        launch, self.launch = self.launch, None
-        if self.capture is not None and sig == self.captured_signature and not self.capture.pending:
-            tensors = [args[i] for i in self.capture.positions]
-            if self.capture.reads_in_place(tensors):
-                launched = launch is not None and launch.matches(self.capture, tensors)
-                if not launched:
-                    _wait(launch)
-                return self._replay(tensors, launched)
-            _wait(launch)
+        if replayable:
+            return self._replay(tensors, launched)
+        if tensors is not None:
             self.release()  # a parameter or constant input moved: capture again
-        _wait(launch)
         seen_before, self.last_signature = self.last_signature == sig, sig
         previous, self.last_inputs = self.last_inputs, [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)]
         if not seen_before or (self.capture is not None and self.capture.pending):
