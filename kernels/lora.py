@@ -362,6 +362,16 @@ def _norm_backward(ctx, dxn: torch.Tensor, x2: torch.Tensor, norm_weight, r):
     return rmsnorm_backward(dxn, x2, norm_weight, r, ctx.needs_input_grad[1])
 
 
+def _own_tensor(t: torch.Tensor) -> torch.Tensor:
+    """t's memory as a tensor of its own rather than a view: the projections' outputs are
+    disjoint column blocks of one buffer, and as views they would share one version counter,
+    so an op writing one in place (rope over q and k) would make autograd take the others
+    (v) as modified too, and refuse them."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride()
+    )
+
+
 class LoraLinearsFunction(torch.autograd.Function):
     """Projections sharing one input, optionally RMSNorm(x) (HF's, in kernels/rmsnorm.py):
     params are (A, B, bias) per projection. With the norm, x and r are saved, not RMSNorm(x):
@@ -376,7 +386,7 @@ class LoraLinearsFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, norm_weight, r, *As, *Bs, *us)
         ctx.projections, ctx.states, ctx.x_shape, ctx.eps = projections, states, x.shape, norm_eps
         ctx.bias_grads = [b is not None and b.requires_grad for b in biases]
-        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+        return tuple(_own_tensor(y.view(*x.shape[:-1], y.shape[-1])) for y in outputs)
 
     @staticmethod
     def backward(ctx, *grads):

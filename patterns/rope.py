@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels.rope import rope, rope_unsupported
-from rewriter.match import Match, Pattern
+from rewriter.match import Match, Pattern, only_reader
 from rewriter.registry import register_pattern
 
 
@@ -45,6 +45,19 @@ def replace_rope(q, k, cos, sin, **_split):
     return rope(q, k, cos, sin)
 
 
+def replace_rope_in_place(q, k, cos, sin, **_split):
+    return rope(q, k, cos, sin, inplace=True)
+
+
+def choose_rope(m: Match):
+    """In place where the graph proves q and k (and the projection outputs they view) are read
+    by this match alone, and are not the same memory; else out of place."""
+    q, k = only_reader(m, "q"), only_reader(m, "k")
+    if q is not None and k is not None and not set(q) & set(k):
+        return replace_rope_in_place
+    return replace_rope
+
+
 ROPE = register_pattern(
     Pattern(
         name="rope",
@@ -53,5 +66,6 @@ ROPE = register_pattern(
         replace=replace_rope,
         guard=rope_guard,
         expect=("Attention",),
+        choose=choose_rope,
     )
 )

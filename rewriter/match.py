@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx import Node
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from rewriter.capture import trace
 
@@ -55,6 +56,9 @@ class Pattern:
         uncovered is reported with the reason the match failed there.
     drops_graph_outputs: an interior value whose only outside use is the graph's output
         (the logits a loss pattern consumes) is returned as None instead of blocking the match.
+    choose: given an accepted Match, returns the replacement for it (default `replace`):
+        another flavour of the op where the graph proves it safe (rope in place where q and
+        k die in the match, `only_reader`).
     """
 
     name: str
@@ -64,6 +68,7 @@ class Pattern:
     guard: Callable[[Match], str | None] | None = None
     expect: tuple[str, ...] = ()
     drops_graph_outputs: bool = False
+    choose: Callable[[Match], Callable[..., Any]] | None = None
 
     @property
     def source(self) -> str:
@@ -410,6 +415,8 @@ def find_matches(
             if reason:
                 rejections.append(Rejection(pattern.name, m.module if m else c.module, reason))
                 continue
+            if getattr(pattern, "choose", None) is not None:
+                m.replace = pattern.choose(m)
             m.index = sum(1 for x in matches if x.pattern is pattern and x.module == m.module)
             claimed.update(m.nodes)
             matches.append(m)
@@ -487,3 +494,41 @@ def external_inputs(m: Match) -> list[Node]:
             if x not in inside:
                 seen.setdefault(x)
     return list(seen)
+
+
+def _storages(node: Node) -> set[StorageWeakRef]:
+    """The storages of the tensors a node's example value holds (a tensor, or a tuple of them
+    from a split): the capture's fake tensors share a storage where the real ones would."""
+    value = node.meta.get("example_value")
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return {StorageWeakRef(t.untyped_storage()) for t in values if isinstance(t, torch.Tensor)}
+
+
+def only_reader(m: Match, name: str) -> set[Node] | None:
+    """The nodes whose values share input `name`'s memory (views of it, what it is a view of,
+    in-place results on it, other parts of a split), if none is a graph input, those outside
+    the match all come before it, and nothing but the match and they read them: the match may
+    then write over that input in place without changing what another node reads. None where
+    that is not proven. What autograd saved is not in the graph: an op that writes in place
+    bumps the version counter, so that autograd raises rather than read changed values."""
+    node = m.inputs[list(m.pattern.inputs).index(name)]
+    if not isinstance(node, Node) or len(_storages(node)) != 1:
+        return None
+    (storage,) = _storages(node)
+    inside = set(m.nodes)
+    aliases, frontier = {node}, [node]
+    while frontier:  # a storage's tensors are connected: each view is made from another one
+        n = frontier.pop()
+        for x in [*n.all_input_nodes, *n.users]:
+            if x not in aliases and storage in _storages(x):
+                aliases.add(x)
+                frontier.append(x)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    first = min(order[n] for n in m.nodes)
+    readers = inside | aliases
+    for a in aliases - inside:
+        if a.op in ("placeholder", "get_attr") or order[a] > first:
+            return None  # the caller's tensor (or a parameter), or a view made after the match
+        if any(u not in readers for u in a.users):
+            return None
+    return aliases

@@ -509,6 +509,7 @@ def _record(m: Match, check, passed: bool) -> MatchRecord:
         module=m.module,
         nodes=[n.name for n in m.nodes],
         dropped=[n.name for n in m.dropped],
+        replacement=getattr(m.replace, "__name__", ""),
         status="unverified" if check is None else ("applied" if passed else "reverted"),
     )
     if check is not None:

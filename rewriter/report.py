@@ -19,6 +19,7 @@ class MatchRecord:
     saved_bytes_ours: int = 0
     reason: str | None = None
     dropped: list[str] = field(default_factory=list)  # graph outputs now returned as None
+    replacement: str = ""  # the function that runs instead (a pattern's `choose` may pick a flavour)
 
     @property
     def worst(self) -> dict[str, Any] | None:

@@ -193,10 +193,10 @@ def _wants_grad(node: Node) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
 
-def _leaf(value: Any, wants_grad: bool, dtype: torch.dtype | None = None) -> Any:
+def _leaf(value: Any, wants_grad: bool, dtype: torch.dtype | None = None, copy: bool = False) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
-    t = value.detach()
+    t = value.detach().clone() if copy else value.detach()
     if dtype is not None and t.is_floating_point():
         t = t.to(dtype)
     return t.requires_grad_(wants_grad)
@@ -264,15 +264,20 @@ def _check_match(gm, m: Match, values: dict[Node, Any], names: dict[Node, str], 
     vals = [values[x] for x in inputs]
     grad_of = [i for i, x in enumerate(inputs) if _wants_grad(x)]
 
-    def leaves(dtype=None):
-        return [_leaf(v, i in grad_of, dtype) for i, v in enumerate(vals)]
+    def leaves(dtype=None, copy_activations=False):
+        return [
+            _leaf(v, i in grad_of, dtype, copy_activations and inputs[i].op != "placeholder")
+            for i, v in enumerate(vals)
+        ]
 
     position = {x: i for i, x in enumerate(inputs)}
     check = MatchCheck()
     out_eager, grad_eager, check.saved_bytes_eager = _run(sub, leaves(), grad_of, seed)
     out_64, grad_64, _ = _run(to_float64(sub), leaves(torch.float64), grad_of, seed)
 
-    ours_args = leaves()
+    # a replacement may write over its activation inputs (rope in place): it gets copies, so
+    # that the sample values the other checks read stay as the model computed them
+    ours_args = leaves(copy_activations=True)
     captures = {k: ours_args[position[v]] if isinstance(v, Node) else v for k, v in m.captures.items()}
     pattern_inputs = [ours_args[position[x]] if isinstance(x, Node) else x for x in m.inputs]
 

@@ -173,3 +173,102 @@ def test_string_options_and_dimension_sizes_become_named_wildcards():
         matches, _ = find_matches(gm.graph, [LINEAR_CROSS_ENTROPY], no_module)
         assert len(matches) == 1
         assert matches[0].captures["reduction"] == reduction and matches[0].captures["V"] == 50
+
+
+def _rope_graph(project, reuse=lambda q_proj, k_proj, v_proj: None):
+    """HF's apply_rotary_pos_emb on (B, H, S, D) views of the q and k that `project` makes (with
+    a v); the graph also returns `reuse` of them (what else reads them). Returns the captured
+    graph, its input values and the function."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def fn(x, w, cos, sin):
+        q_proj, k_proj, v_proj = project(x, w)
+        q = q_proj.view(2, 5, 2, 8).transpose(1, 2)
+        k = k_proj.view(2, 5, 1, 8).transpose(1, 2)
+        q_embed, k_embed = apply_rotary_pos_emb(q, k, cos, sin)
+        return q_embed.sum() + k_embed.sum(), reuse(q_proj, k_proj, v_proj)
+
+    args = (torch.randn(2, 5, 16), torch.randn(16, 32), torch.randn(1, 5, 8), torch.randn(1, 5, 8))
+    return capture(fn, *args), args, fn
+
+
+def _rope_replacement(gm):
+    from patterns.rope import ROPE
+
+    matches, rejections = find_matches(gm.graph, [ROPE], no_module)
+    assert len(matches) == 1, rejections
+    return matches[0]
+
+
+def separate(x, w):
+    return x @ w[:, :16], x @ w[:, 16:24], x @ w[:, 24:]
+
+
+def split_from_one(x, w):  # one q|k|v product, split: the parts are disjoint views of it
+    return (x @ w).split([16, 8, 8], dim=-1)
+
+
+def test_rope_runs_in_place_only_where_the_graph_proves_q_and_k_die_in_the_match():
+    from patterns.rope import replace_rope, replace_rope_in_place
+
+    qkv = {}
+
+    def split_kept(x, w):  # the q|k|v product itself read again
+        qkv["product"] = x @ w
+        return qkv["product"].split([16, 8, 8], dim=-1)
+
+    def cast_after(x, w):  # .to(its own dtype) returns the tensor itself: an alias
+        q, k, v = separate(x, w)
+        qkv["q before the cast"] = q
+        return q.to(torch.float32), k, v
+
+    in_place = {
+        "projections read by rope alone": _rope_graph(separate),
+        "v's projection read elsewhere": _rope_graph(separate, lambda q, k, v: v * 2),
+        "through a dtype cast that is a no-op (an alias)": _rope_graph(
+            lambda x, w: [p.to(torch.float32) for p in separate(x, w)]
+        ),
+    }
+    out_of_place = {
+        # the parts of one product share its storage: that they are disjoint is not proven
+        "q|k|v split from one product": _rope_graph(split_from_one),
+        "q's projection read again, rope reading it through a no-op cast": _rope_graph(
+            cast_after, lambda q, k, v: qkv["q before the cast"].sum()
+        ),
+        "q's projection read again": _rope_graph(separate, lambda q, k, v: q.mean()),
+        "k's projection returned as well": _rope_graph(separate, lambda q, k, v: k),
+        "q|k|v product read whole elsewhere": _rope_graph(split_kept, lambda q, k, v: qkv["product"].sum()),
+    }
+    for why, (gm, _, _) in in_place.items():
+        assert _rope_replacement(gm).replace is replace_rope_in_place, why
+    for why, (gm, _, _) in out_of_place.items():
+        assert _rope_replacement(gm).replace is replace_rope, why
+
+
+def test_rope_in_place_computes_what_the_graph_did():
+    gm, args, fn = _rope_graph(separate, lambda q, k, v: v * 2)
+    rewritten = rewrite(gm, [_rope_replacement(gm)])
+    _, inputs = trace(fn, args)
+    for got, want in zip(rewritten(*inputs), fn(*args)):
+        torch.testing.assert_close(got, want)
+
+
+def test_rope_on_a_graph_input_or_on_one_tensor_twice_stays_out_of_place():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from patterns.rope import ROPE, replace_rope
+
+    def given(q, k, cos, sin):  # q and k are the caller's tensors
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    def twice(x, cos, sin):  # one tensor as both q and k
+        q = (x * 2).view(2, 5, 2, 8).transpose(1, 2)
+        return apply_rotary_pos_emb(q, q, cos, sin)
+
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    for gm in (
+        capture(given, torch.randn(2, 2, 5, 8), torch.randn(2, 1, 5, 8), cos, sin),
+        capture(twice, torch.randn(2, 5, 16), cos, sin),
+    ):
+        matches, _ = find_matches(gm.graph, [ROPE], no_module)
+        assert all(m.replace is replace_rope for m in matches) and matches

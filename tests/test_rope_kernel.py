@@ -148,3 +148,54 @@ def test_empty_sequence():
     qo, ko = rope(q, k, cos, sin)
     (qo.sum() + ko.sum()).backward()
     assert qo.shape == q.shape and q.grad.shape == q.shape
+
+
+def projection_outputs(batch, seq, heads, dim, dtype, op=lambda w: w + 0):
+    """A leaf weight w and (B, H, S, D) views of op(w), a non-leaf (B, S, H * D) tensor as a
+    projection's output is; op(w) is the base that an in-place rotation writes through the view."""
+    w = torch.randn(batch, seq, heads * dim, dtype=torch.float64).to(dtype).requires_grad_()
+    base = op(w)
+    return w, base, base.view(batch, seq, heads, dim).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_in_place_gives_the_out_of_place_bits_and_writes_over_q_k_and_the_gradient(dtype):
+    """inplace=True: the same outputs and gradients bit for bit; q_embed lives in q's memory
+    (the projection output's) and dq in the incoming gradient's."""
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        wq, base_q, q = projection_outputs(3, 37, 8, 64, dtype)
+        wk, base_k, k = projection_outputs(3, 37, 2, 64, dtype)
+        cos, sin = (torch.randn(1, 37, 64, dtype=torch.float64).to(dtype) for _ in range(2))
+        dq_out, dk_out = torch.randn(q.shape, dtype=dtype), torch.randn(k.shape, dtype=dtype)
+        dq_in = torch.empty_like(q).copy_(dq_out)  # q's layout: the one attention's backward hands over
+        qo, ko = rope(q, k, cos, sin, inplace=inplace)
+        assert (qo.data_ptr() == base_q.data_ptr()) == inplace and (ko.data_ptr() == base_k.data_ptr()) == inplace
+        dwq, dwk = torch.autograd.grad((qo, ko), (wq, wk), (dq_in, dk_out))
+        assert (dwq.data_ptr() == dq_in.data_ptr()) == inplace  # dq written over dq_embed, then free views
+        results.append([qo.detach().clone(), ko.detach().clone(), dwq, dwk])
+    for name, a, b in zip(["q_embed", "k_embed", "dq", "dk"], *results):
+        assert torch.equal(a, b), name
+
+
+def test_in_place_raises_where_the_rotated_tensor_was_saved_for_backward():
+    """exp saves its output for backward: rotating that output in place must make autograd
+    raise (the version counter), never let exp's backward read rotated values."""
+    wq, _, q = projection_outputs(1, 5, 2, 64, torch.float32, op=torch.exp)
+    wk, _, k = projection_outputs(1, 5, 1, 64, torch.float32)
+    cos, sin = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
+    qo, ko = rope(q, k, cos, sin, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (qo.sum() + ko.sum()).backward()
+
+
+def test_in_place_stays_out_of_place_when_cos_and_sin_need_gradients():
+    wq, base_q, q = projection_outputs(1, 5, 2, 64, torch.float32)
+    wk, _, k = projection_outputs(1, 5, 1, 64, torch.float32)
+    cos, sin = (torch.randn(1, 5, 64, requires_grad=True) for _ in range(2))
+    before = base_q.detach().clone()
+    qo, ko = rope(q, k, cos, sin, inplace=True)
+    assert torch.equal(base_q.detach(), before) and qo.data_ptr() != base_q.data_ptr()
+    dcos, dsin = torch.autograd.grad(qo.sum() + ko.sum(), (cos, sin))
+    assert dcos.shape == cos.shape and dsin.shape == sin.shape

@@ -32,6 +32,8 @@ def test_every_attention_and_mlp_is_covered_verified_and_trains_like_the_twin(mo
     for m in rep.matches:  # each rope match is both outputs: one kernel launch for q and k
         if m.pattern == "rope":
             assert len(m.nodes) == 16 and {c["what"] for c in m.comparisons} >= {"output 0", "output 1"}
+            # in place: q and k (views of the LoRA projections' sums) have no other reader
+            assert m.replacement == "replace_rope_in_place", m
     # swiglu keeps no silu(gate) for backward: eager's saved activations shrink
     saved = {m.pattern: (m.saved_bytes_eager, m.saved_bytes_ours) for m in rep.matches}
     assert saved["swiglu"][1] < saved["swiglu"][0]
