@@ -5,7 +5,9 @@ Llama-3-8B shapes in bf16: hidden 4096, intermediate 14336, 32 q heads over 8 kv
 head_dim 128, at 4096 and 16384 tokens (sequences of 2048). LoRA training is what we model:
 the norm weight is frozen (no dw), q and k are transposed views of the projection outputs
 (gradients are taken with respect to the projection outputs, so a layout copy in backward
-counts), cos/sin are HF's (1, S, D) tables from positions.
+counts), cos/sin are HF's (1, S, D) tables from positions. Ours runs RoPE in place, as
+patterns/rope.py chooses where q and k are projection outputs read by RoPE alone (Liger's
+Function always works in place); --candidates also times the out-of-place flavour.
 
 Before timing, every variant's outputs and input gradients are checked against eager's on
 fresh copies of the same inputs (max |x - eager| / max |eager|, printed); a variant that
@@ -22,15 +24,20 @@ Bytes each op must move (T tokens, b = 2 bytes per bf16 element):
              bwd: read dh, gate, up; write dgate, dup              5 T I b
     fwd+bwd: the sum of the two.
 
-    python benchmarks/bench_elementwise.py --out elementwise.json   # H200: about 2 minutes
+    python benchmarks/bench_elementwise.py --candidates --out elementwise.json   # H200: about 1 minute
     TRITON_INTERPRET=1 python benchmarks/bench_elementwise.py --smoke   # tiny, CPU
+
+--ops limits the run to some ops; --candidates adds the alternatives of ours that make_cases
+lists (module settings and functions, each checked bit for bit against ours) to the same
+timing passes.
 
 The table comes last: per op, tokens and mode, microseconds of each variant, our GB/s and
 share of the copy bandwidth, and the fastest other variant over ours (> 1: we are faster).
 Twice: wall time per call as do_bench measures it, which on a slow host is mostly Python and
 autograd launch overhead for the smaller ops, then GPU time per call from CUDA graph replays
-(graph_ms below), which is what the kernels themselves cost inside a training step whose
-host runs ahead of the GPU.
+(GraphTimer below: every variant's graph replayed in each of --passes interleaved passes, the
+median kept), which is what the kernels themselves cost inside a training step whose host
+runs ahead of the GPU. The candidates' table follows.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ LLAMA_8B = dict(hidden=4096, intermediate=14336, heads_q=32, heads_k=8, head_dim
 SMOKE = dict(hidden=256, intermediate=352, heads_q=4, heads_k=2, head_dim=64, seq=24, tokens=(48,))
 EPS = 1e-5
 VARIANTS = ("ours", "eager", "compile", "liger")
+OPS = ("rmsnorm", "rope", "swiglu")
 
 
 def load_liger() -> tuple[dict[str, Callable], str]:
@@ -106,12 +114,16 @@ class Case:
     bytes_fwd: int
     bytes_bwd: int
     fns: dict[str, Callable] = field(default_factory=dict)  # variant -> fn(**inputs) -> outputs
+    # alternatives of ours, timed in the same passes: label -> (module settings, fn)
+    candidates: dict[str, tuple[dict, Callable]] = field(default_factory=dict)
 
     def fresh(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone().requires_grad_(n in self.wrt) for n, t in self.base.items()}
 
 
-def make_cases(shape: dict, device: torch.device, liger: dict) -> list[Case]:
+def make_cases(
+    shape: dict, device: torch.device, liger: dict, ops: tuple[str, ...] = OPS, with_candidates: bool = False
+) -> list[Case]:
     dt, b = torch.bfloat16, 2
     H, Ii, Hq, Hk, D, S = (shape[k] for k in ("hidden", "intermediate", "heads_q", "heads_k", "head_dim", "seq"))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -142,6 +154,10 @@ def make_cases(shape: dict, device: torch.device, liger: dict) -> list[Case]:
             "swiglu": swiglu_reference,
         }
         ours = {"rmsnorm": lambda x, w: rmsnorm(x, w, EPS), "rope": rope_views(rope), "swiglu": swiglu}
+        # ours as the patterns choose it here: q and k are projection outputs that rope alone
+        # reads, so rope runs in place (patterns/rope.py proves that from the graph)
+        ours["rope"] = rope_views(functools.partial(rope, inplace=True))
+        candidates = {"rope": {"out of place": ({}, rope_views(rope))}}
         specs = [
             ("rmsnorm", {"x": randn(T, H, scale=3), "w": randn(H, scale=0.3) + 1}, ("x",),
              2 * T * H * b + H * b + 4 * T, 3 * T * H * b + H * b + 4 * T),
@@ -152,10 +168,12 @@ def make_cases(shape: dict, device: torch.device, liger: dict) -> list[Case]:
              3 * T * Ii * b, 5 * T * Ii * b),
         ]  # fmt: skip
         for op, base, wrt, fwd, bwd in specs:
+            if op not in ops:
+                continue
             fns = {"ours": ours[op], "eager": eager[op], "compile": torch.compile(eager[op], dynamic=False)}
             if op in liger:
                 fns["liger"] = rope_views(liger[op]) if op == "rope" else liger[op]
-            cases.append(Case(op, T, base, wrt, fwd, bwd, fns))
+            cases.append(Case(op, T, base, wrt, fwd, bwd, fns, candidates.get(op, {}) if with_candidates else {}))
     return cases
 
 
@@ -185,26 +203,44 @@ def max_rel_err(values, reference) -> float:
     return worst
 
 
-def graph_ms(fn: Callable, device: torch.device, calls: int = 10) -> float | None:
-    """GPU time of one call without the host's launch overhead: CUDA graphs of `calls` x
-    (L2 flush, fn) and of `calls` x (L2 flush) alone, replayed; the difference per call."""
-    if device.type != "cuda":
-        return None
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm up off the capturing stream, as capture requires
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    medians = []
-    for with_fn in (True, False):
+class GraphTimer:
+    """GPU time of calls without the host's launch overhead: each call is captured `calls`
+    times, each after an L2 flush, into one CUDA graph; a graph of the flushes alone is the
+    baseline. Every pass replays the baseline and each graph (the median of 7 replays); a
+    call's time is the median over passes of (graph - baseline) / calls. Passes interleave
+    the variants, so clock drift hits them alike."""
+
+    def __init__(self, device: torch.device, calls: int = 10):
+        self.device, self.calls = device, calls
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
+        self.calls_kept: dict[object, Callable] = {}  # a graph reads its call's inputs: keep them
+        self.times: dict[object, list[float]] = {}
+        self.baseline = self._capture(None)
+
+    def _capture(self, fn: Callable | None) -> torch.cuda.CUDAGraph:
+        if fn is not None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm up off the capturing stream, as capture requires
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(calls):
-                flush.zero_()
-                if with_fn:
+            for _ in range(self.calls):
+                self.flush.zero_()
+                if fn is not None:
                     fn()
+        return graph
+
+    def add(self, key: object, fn: Callable) -> None:
+        self.graphs[key] = self._capture(fn)
+        self.calls_kept[key] = fn
+        self.times[key] = []
+
+    @staticmethod
+    def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
         times = []
         for _ in range(7):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -213,9 +249,15 @@ def graph_ms(fn: Callable, device: torch.device, calls: int = 10) -> float | Non
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        medians.append(statistics.median(times))
-        del graph
-    return (medians[0] - medians[1]) / calls
+        return statistics.median(times)
+
+    def run(self, passes: int) -> dict[object, list[float]]:
+        """Per key, the ms of one call in each pass."""
+        for _ in range(passes):
+            base = self._replay_ms(self.baseline)
+            for key, graph in self.graphs.items():
+                self.times[key].append((self._replay_ms(graph) - base) / self.calls)
+        return self.times
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -226,13 +268,43 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def run_case(case: Case, device: torch.device) -> list[dict]:
+def run_case(case: Case, device: torch.device, passes: int) -> tuple[list[dict], list[dict]]:
+    """Rows for each variant and mode (checked against eager, wall time, GPU time), and rows
+    for each candidate of ours (checked against ours bit for bit, GPU time), the GPU times
+    from the same interleaved passes."""
+    import importlib
+
     cotangents = grad_outputs(case)
     reference = {
         "fwd": as_tuple(case.fns["eager"](**case.fresh())),
         "fwd+bwd": forward_backward(case, case.fns["eager"], case.fresh(), cotangents),
     }
-    rows = []
+    timer = GraphTimer(device) if device.type == "cuda" else None
+
+    def call_of(fn, mode):
+        inputs = case.fresh()  # in-place variants (Liger) only ever touch their own copy
+        if mode == "fwd":
+            return lambda: fn(**inputs)
+        cots = tuple(c.clone() for c in cotangents)  # an in-place backward writes over its cotangents
+        return lambda: forward_backward(case, fn, inputs, cots)
+
+    def settings(values: dict):
+        saved = []
+        for key, value in values.items():
+            module_name, name = key.rsplit(".", 1)
+            module = importlib.import_module(module_name)
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
+        return saved
+
+    def restore(saved):
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+    def error(exc: Exception) -> str:
+        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+    rows, candidate_rows = [], []
     for variant in VARIANTS:
         for mode in ("fwd", "fwd+bwd"):
             row = dict(op=case.op, tokens=case.tokens, mode=mode, variant=variant)
@@ -243,37 +315,63 @@ def run_case(case: Case, device: torch.device) -> list[dict]:
                 row["status"] = "missing"
                 continue
             try:
-                if mode == "fwd":
-                    got = as_tuple(fn(**case.fresh()))
-                else:
-                    got = forward_backward(case, fn, case.fresh(), cotangents)
+                got = as_tuple(fn(**case.fresh())) if mode == "fwd" else call_of(fn, mode)()
                 row["max_rel_err"] = max_rel_err(got, reference[mode])
                 del got
-                inputs = case.fresh()  # in-place variants (Liger) only ever touch their own copy
-                if mode == "fwd":
-                    call = lambda fn=fn, inputs=inputs: fn(**inputs)  # noqa: E731
-                else:
-                    call = lambda fn=fn, inputs=inputs: forward_backward(case, fn, inputs, cotangents)  # noqa: E731
-                row["ms"] = time_ms(call, device)
+                row["ms"] = time_ms(call_of(fn, mode), device)
                 row["GBps"] = row["bytes"] / (row["ms"] * 1e-3) / 1e9
                 row["status"] = "ok"
-                try:
-                    row["gpu_ms"] = graph_ms(call, device)
-                except Exception as exc:  # noqa: BLE001 - a variant that cannot be captured keeps its wall time
-                    row["gpu_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                if row.get("gpu_ms"):
-                    row["gpu_GBps"] = row["bytes"] / (row["gpu_ms"] * 1e-3) / 1e9
+                if timer is not None:
+                    try:
+                        timer.add(row_key(row), call_of(fn, mode))
+                    except Exception as exc:  # noqa: BLE001 - a variant that cannot be captured keeps its wall time
+                        row["gpu_error"] = error(exc)[7:]
             except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the rest
-                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            print(
-                f"  {case.op:<8} {case.tokens:>6} {mode:<8} {variant:<8} "
-                + (f"max rel err vs eager {row['max_rel_err']:.1e}" if "max_rel_err" in row else "")
-                + (f"  {row['ms'] * 1e3:9.1f} us" if "ms" in row else f"  {row['status']}")
-                + (f"  GPU {row['gpu_ms'] * 1e3:9.1f} us" if row.get("gpu_ms") else "")
-                + (f"  (no CUDA graph: {row['gpu_error']})" if "gpu_error" in row else ""),
-                flush=True,
-            )
-    return rows
+                row["status"] = error(exc)
+    ours = {mode: call_of(case.fns["ours"], mode)() for mode in ("fwd", "fwd+bwd")}
+    for label, (values, fn) in case.candidates.items():
+        for mode in ("fwd", "fwd+bwd"):
+            row = dict(op=case.op, tokens=case.tokens, mode=mode, candidate=label, settings=values)
+            candidate_rows.append(row)
+            saved = settings(values)
+            try:
+                got = call_of(fn, mode)()
+                same = all(torch.equal(g, o) for g, o in zip(got, ours[mode], strict=True))
+                row["check"] = "bit-identical to ours" if same else f"differs: {max_rel_err(got, ours[mode]):.1e}"
+                del got
+                if timer is not None:
+                    timer.add(row_key(row), call_of(fn, mode))
+                row["status"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                row["status"] = error(exc)
+            finally:
+                restore(saved)
+    del ours
+    if timer is not None:
+        measured = timer.run(passes)
+        for row in rows + candidate_rows:
+            if row_key(row) in measured:
+                row["gpu_ms_passes"] = measured[row_key(row)]
+                row["gpu_ms"] = statistics.median(measured[row_key(row)])
+                row["gpu_GBps"] = (
+                    (case.bytes_fwd + (case.bytes_bwd if row["mode"] == "fwd+bwd" else 0))
+                    / (row["gpu_ms"] * 1e-3)
+                    / 1e9
+                )
+    for row in rows + candidate_rows:
+        print(
+            f"  {case.op:<8} {case.tokens:>6} {row['mode']:<8} {row.get('variant') or row['candidate']:<18} "
+            + (f"max rel err vs eager {row['max_rel_err']:.1e}" if "max_rel_err" in row else row.get("check", ""))
+            + (f"  {row['ms'] * 1e3:9.1f} us" if "ms" in row else f"  {row['status']}")
+            + (f"  GPU {row['gpu_ms'] * 1e3:9.1f} us" if row.get("gpu_ms") else "")
+            + (f"  (no CUDA graph: {row['gpu_error']})" if "gpu_error" in row else ""),
+            flush=True,
+        )
+    return rows, candidate_rows
+
+
+def row_key(row: dict) -> tuple:
+    return (row["op"], row["tokens"], row["mode"], row.get("variant"), row.get("candidate"))
 
 
 def table(rows: list[dict], hbm: float, key: str, title: str) -> str:
@@ -298,75 +396,69 @@ def table(rows: list[dict], hbm: float, key: str, title: str) -> str:
     return "\n".join(lines)
 
 
-# Launch sizes tried by --sweep (module, constant, values): fwd+bwd GPU time of ours under each,
-# to choose the defaults on the card rather than guess them.
-SWEEP = {
-    "rmsnorm": [("kernels.rmsnorm", "ELEMENTS_PER_PROGRAM", (2048, 4096, 8192, 16384, 32768))],
-    "rope": [
-        ("kernels.rope", "TILE_FORWARD", (1024, 2048, 4096, 8192)),
-        ("kernels.rope", "TILE_BACKWARD", (1024, 2048, 4096, 8192)),
-    ],
-}
-
-
-def sweep(shape: dict, device: torch.device) -> list[dict]:
-    import importlib
-
-    rows = []
-    for case in make_cases(shape, device, {}):
-        for module_name, constant, values in SWEEP.get(case.op, ()):
-            module = importlib.import_module(module_name)
-            default = getattr(module, constant)
-            cotangents = grad_outputs(case)
-            for value in values:
-                setattr(module, constant, value)
-                row = dict(op=case.op, tokens=case.tokens, constant=constant, value=value, default=default)
-                for mode in ("fwd", "fwd+bwd"):
-                    inputs = case.fresh()
-                    fn = case.fns["ours"]
-                    if mode == "fwd":
-                        call = functools.partial(fn, **inputs)
-                    else:
-                        call = functools.partial(forward_backward, case, fn, inputs, cotangents)
-                    row[mode] = graph_ms(call, device)
-                print(
-                    f"  sweep {case.op:<8} {case.tokens:>6} {constant}={value:<6} fwd {row['fwd'] * 1e3:7.1f} us"
-                    f"  fwd+bwd {row['fwd+bwd'] * 1e3:7.1f} us" + ("  (default)" if value == default else ""),
-                    flush=True,
-                )
-                rows.append(row)
-            setattr(module, constant, default)
-    return rows
+def candidate_table(rows: list[dict], candidate_rows: list[dict]) -> str:
+    """fwd+bwd GPU us of each candidate of ours, against the default and the fastest other."""
+    lines = [
+        "Candidates of ours (GPU us per call, same passes as the table above)",
+        f"{'op':<8} {'tokens':>6} {'candidate':<18} {'fwd':>8} {'fwd+bwd':>8} {'ours':>8} {'best other':>10} {'other/cand':>10}",
+    ]
+    for c in candidate_rows:
+        if c["mode"] != "fwd+bwd" or not c.get("gpu_ms"):
+            continue
+        same = [r for r in rows if (r["op"], r["tokens"], r["mode"]) == (c["op"], c["tokens"], "fwd+bwd")]
+        fwd = [
+            r
+            for r in candidate_rows
+            if (r["op"], r["tokens"], r["candidate"], r["mode"]) == (c["op"], c["tokens"], c["candidate"], "fwd")
+        ]
+        ours = next((r.get("gpu_ms") for r in same if r["variant"] == "ours"), None)
+        others = [r["gpu_ms"] for r in same if r["variant"] != "ours" and r.get("gpu_ms")]
+        fwd_us = f"{fwd[0]['gpu_ms'] * 1e3:>8.1f}" if fwd and fwd[0].get("gpu_ms") else f"{'-':>8}"
+        ours_us = f"{ours * 1e3:>8.1f}" if ours else f"{'-':>8}"
+        best = f"{min(others) * 1e3:>10.1f} {min(others) / c['gpu_ms']:>9.3f}x" if others else f"{'-':>10} {'-':>10}"
+        lines.append(
+            f"{c['op']:<8} {c['tokens']:>6} {c['candidate']:<18} {fwd_us} {c['gpu_ms'] * 1e3:>8.1f} {ours_us} {best}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--sweep", action="store_true", help="also time ours under the launch sizes in SWEEP")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
+    parser.add_argument("--candidates", action="store_true", help="also time the candidates of ours (make_cases)")
+    parser.add_argument("--passes", type=int, default=5, help="interleaved timing passes over the CUDA graphs")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shape = SMOKE if args.smoke else LLAMA_8B
+    ops = tuple(op for op in args.ops.split(",") if op)
     liger, liger_status = load_liger()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"device {name}; torch {torch.__version__}, triton {triton.__version__}, liger-kernel {liger_status}")
     hbm = copy_bandwidth(device, 2 << 30 if device.type == "cuda" else 16 << 20)
     print(f"device-to-device copy: {hbm:.0f} GB/s (bytes read + written)")
     start = time.perf_counter()
-    rows = []
-    for case in make_cases(shape, device, liger):
-        rows += run_case(case, device)
-    swept = sweep(shape, device) if args.sweep and device.type == "cuda" else []
+    rows, candidate_rows = [], []
+    for case in make_cases(shape, device, liger, ops, args.candidates):
+        got, candidates = run_case(case, device, args.passes)
+        rows += got
+        candidate_rows += candidates
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     print(f"checked and timed in {time.perf_counter() - start:.0f} s\n")
     print(
         table(rows, hbm, "ms", "Wall time per call (do_bench median, L2 flushed; includes the host's launch overhead)")
     )
     if device.type == "cuda":
-        title = "GPU time per call (CUDA graph replay, L2 flushed; no launch overhead): the kernels themselves"
+        title = f"GPU time per call (CUDA graph replays, L2 flushed, median of {args.passes} interleaved passes)"
         print("\n" + table(rows, hbm, "gpu_ms", title))
+        if candidate_rows:
+            print("\n" + candidate_table(rows, candidate_rows))
     if args.out:
         meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, liger=liger_status)
-        args.out.write_text(json.dumps(dict(meta, copy_GBps=hbm, shape=shape, results=rows, sweep=swept), indent=2))
+        args.out.write_text(
+            json.dumps(dict(meta, copy_GBps=hbm, shape=shape, results=rows, candidates=candidate_rows), indent=2)
+        )
 
 
 if __name__ == "__main__":
