@@ -268,7 +268,9 @@ class Replayer:
         seen_before, self.last_signature = self.last_signature == sig, sig
         previous, self.last_inputs = self.last_inputs, [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)]
         if not seen_before or (self.capture is not None and self.capture.pending):
-            return fn(*args)  # first call of this signature, or a replayed forward waits for its backward
+            return self._eager(
+                fn, args, sig
+            )  # first call of this signature, or a replayed forward waits for its backward
         self.release()
         return self._capture_and_check(fn, args, sig, [r() for r in previous])
 
@@ -312,6 +314,17 @@ class Replayer:
         outs = iter(_Replay.apply(c, launched, *[tensors[i] for i in c.through]))
         flat = [next(outs) if isinstance(o, torch.Tensor) else o for o in c.outputs]
         return pytree.tree_unflatten(flat, c.spec)
+
+    def _eager(self, fn: Callable[..., Any], args: Sequence[Any], sig: Signature) -> Any:
+        """An eager call before any capture of this signature; a graph seen writing one of its
+        inputs is never captured: the capture's check run and its replay would each apply the
+        write once more (the reason goes to the report)."""
+        tensors = _tensors(args)
+        versions = [t._version for t in tensors]
+        out = fn(*args)
+        if any(t._version != v for t, v in zip(tensors, versions)):
+            self.eligible[sig] = "the graph writes one of its inputs in place (a buffer updated in forward)"
+        return out
 
     def _capture_and_check(self, fn: Callable[..., Any], args: Sequence[Any], sig: Signature, previous: list) -> Any:
         with torch.no_grad():

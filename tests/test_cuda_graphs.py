@@ -207,3 +207,24 @@ def test_early_launch_is_adopted_when_the_call_matches_and_discarded_when_not(mo
     longer = {k: torch.cat([v, v], dim=1) for k, v in _fixed_batches(5).items()}
     assert step(graphed, longer) == pytest.approx(step(eager, longer), rel=1e-3)
     assert report(graphed).cuda_graphs.startswith("on:"), str(report(graphed))
+
+
+@needs_cuda
+def test_a_graph_that_writes_an_input_in_place_is_never_captured_and_writes_once_a_call():
+    """A buffer updated by every forward (a running statistic): replaying it would apply the
+    write again in the capture's check run and in each replay; it runs eagerly, the status says why."""
+    from rewriter.cuda_graphs import Replayer
+
+    lines = []
+    replayer = Replayer(lambda line, failure: lines.append(line), {torch.float32: 1e-5})
+    count = torch.zeros((), device="cuda")
+    w = torch.randn(4, 4, device="cuda", requires_grad=True)
+
+    def fn(x, w, count):
+        count.add_(1)
+        return (x @ w).sum()
+
+    for _ in range(4):
+        replayer(fn, [torch.randn(3, 4, device="cuda"), w, count]).backward()
+    assert count.item() == 4
+    assert replayer.capture is None and "writes one of its inputs in place" in lines[-1], lines
