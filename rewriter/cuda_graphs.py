@@ -267,10 +267,9 @@ class Replayer:
             self.release()  # a parameter or constant input moved: capture again
         seen_before, self.last_signature = self.last_signature == sig, sig
         previous, self.last_inputs = self.last_inputs, [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)]
+        # first call of this signature, or a replayed forward waits for its backward
         if not seen_before or (self.capture is not None and self.capture.pending):
-            return self._eager(
-                fn, args, sig
-            )  # first call of this signature, or a replayed forward waits for its backward
+            return self._eager(fn, args, sig)
         self.release()
         return self._capture_and_check(fn, args, sig, [r() for r in previous])
 
