@@ -78,7 +78,7 @@ case "${1:-e2e}" in
     ;;
   kernels)
     run lora 120 python3 benchmarks/bench_lora.py --out "$out/lora.json"
-    run elementwise 170 python3 benchmarks/bench_elementwise.py --sweep --out "$out/elementwise.json"
+    run elementwise 170 python3 benchmarks/bench_elementwise.py --candidates --out "$out/elementwise.json"
     run loss 240 python3 benchmarks/bench_loss.py --out "$out/loss.json"
     run nf4 90 python3 benchmarks/bench_nf4.py --out "$out/nf4.json"
     ;;
