@@ -3,6 +3,7 @@ on its own batches; the data-parallel tests differ only in how a model is wrappe
 
     "ddp"   optimize, then DistributedDataParallel with tiny gradient buckets (many of them)
     "fsdp"  FSDP2's fully_shard per decoder layer and at the root, then optimize
+    "fsdp1" FSDP1 (FullyShardedDataParallel, use_orig_params) per decoder layer, then optimize
 """
 
 import json
@@ -31,6 +32,18 @@ def _prepare(model, wrap: str, optimized: bool):
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(optimize(model) if optimized else model, bucket_cap_mb=0.001)
+    if wrap == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        model = FullyShardedDataParallel(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+        )
+        return optimize(model) if optimized else model
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.base_model.model.model.layers:
@@ -75,10 +88,11 @@ def _worker(rank: int, world: int, port: int, out: str, wrap: str) -> None:
             "counts": rep.counts(),
             "verified": rep.verified,
             "fallbacks": [f.reason for f in rep.fallbacks],
+            "reverted": {m.pattern: m.reason for m in rep.matches if m.status == "reverted"},
             "max_param_diff": max(
                 (_local(a) - _local(b)).abs().max().item()
                 for a, b in zip(twin.parameters(), model.parameters())
-                if a.requires_grad
+                if a.requires_grad and _local(a).numel() > 0  # (FSDP1: a rank may hold none of it)
             ),
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -86,12 +100,17 @@ def _worker(rank: int, world: int, port: int, out: str, wrap: str) -> None:
         dist.destroy_process_group()
 
 
-def assert_trains_like_the_twin(tmp_path: Path, wrap: str) -> None:
+def assert_trains_like_the_twin(tmp_path: Path, wrap: str, lora_fused: bool = True) -> dict:
+    """lora_fused: every decoder layer gets the fused LoRA nodes (else whatever the report says);
+    returns rank 0's results."""
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), wrap), nprocs=2)
     for rank in range(2):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert r["verified"] and not r["fallbacks"], r
-        assert r["counts"]["rmsnorm_lora_qkv"] == r["counts"]["rmsnorm_lora_mlp"] == 2, r["counts"]
+        assert r["verified"], r
+        if lora_fused:
+            assert not r["fallbacks"] and not r["reverted"], r
+            assert r["counts"]["rmsnorm_lora_qkv"] == r["counts"]["rmsnorm_lora_mlp"] == 2, r["counts"]
         for a, b in zip(r["twin"], r["ours"]):
             assert abs(a - b) <= 1e-5 * abs(a), (r["twin"], r["ours"])
         assert r["max_param_diff"] < 1e-5
+    return json.loads((tmp_path / "rank0.json").read_text())
