@@ -332,6 +332,7 @@ def run_case(case: Case, device: torch.device, passes: int) -> tuple[list[dict],
     for label, (values, fn) in case.candidates.items():
         for mode in ("fwd", "fwd+bwd"):
             row = dict(op=case.op, tokens=case.tokens, mode=mode, candidate=label, settings=values)
+            row["bytes"] = case.bytes_fwd + (case.bytes_bwd if mode == "fwd+bwd" else 0)
             candidate_rows.append(row)
             saved = settings(values)
             try:
@@ -353,11 +354,7 @@ def run_case(case: Case, device: torch.device, passes: int) -> tuple[list[dict],
             if row_key(row) in measured:
                 row["gpu_ms_passes"] = measured[row_key(row)]
                 row["gpu_ms"] = statistics.median(measured[row_key(row)])
-                row["gpu_GBps"] = (
-                    (case.bytes_fwd + (case.bytes_bwd if row["mode"] == "fwd+bwd" else 0))
-                    / (row["gpu_ms"] * 1e-3)
-                    / 1e9
-                )
+                row["gpu_GBps"] = row["bytes"] / (row["gpu_ms"] * 1e-3) / 1e9
     for row in rows + candidate_rows:
         print(
             f"  {case.op:<8} {case.tokens:>6} {row['mode']:<8} {row.get('variant') or row['candidate']:<18} "

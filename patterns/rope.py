@@ -53,7 +53,7 @@ def choose_rope(m: Match):
     """In place where the graph proves q and k (and the projection outputs they view) are read
     by this match alone, and are not the same memory; else out of place."""
     q, k = only_reader(m, "q"), only_reader(m, "k")
-    if q is not None and k is not None and not set(q) & set(k):
+    if q is not None and k is not None and not q & k:
         return replace_rope_in_place
     return replace_rope
 
