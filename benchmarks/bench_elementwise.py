@@ -157,7 +157,13 @@ def make_cases(
         # ours as the patterns choose it here: q and k are projection outputs that rope alone
         # reads, so rope runs in place (patterns/rope.py proves that from the graph)
         ours["rope"] = rope_views(functools.partial(rope, inplace=True))
-        candidates = {"rope": {"out of place": ({}, rope_views(rope))}}
+        candidates = {
+            "rope": {
+                "out of place": ({}, rope_views(rope)),
+                "q then k": ({"kernels.rope.LOADS_FIRST": False}, ours["rope"]),
+                "bwd 2 tokens": ({"kernels.rope.TILE_BACKWARD": 4096}, ours["rope"]),
+            },
+        }
         specs = [
             ("rmsnorm", {"x": randn(T, H, scale=3), "w": randn(H, scale=0.3) + 1}, ("x",),
              2 * T * H * b + H * b + 4 * T, 3 * T * H * b + H * b + 4 * T),
@@ -210,7 +216,7 @@ class GraphTimer:
     call's time is the median over passes of (graph - baseline) / calls. Passes interleave
     the variants, so clock drift hits them alike."""
 
-    def __init__(self, device: torch.device, calls: int = 10):
+    def __init__(self, device: torch.device, calls: int):
         self.device, self.calls = device, calls
         self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
         self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
@@ -268,7 +274,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def run_case(case: Case, device: torch.device, passes: int) -> tuple[list[dict], list[dict]]:
+def run_case(case: Case, device: torch.device, passes: int, calls: int) -> tuple[list[dict], list[dict]]:
     """Rows for each variant and mode (checked against eager, wall time, GPU time), and rows
     for each candidate of ours (checked against ours bit for bit, GPU time), the GPU times
     from the same interleaved passes."""
@@ -279,7 +285,7 @@ def run_case(case: Case, device: torch.device, passes: int) -> tuple[list[dict],
         "fwd": as_tuple(case.fns["eager"](**case.fresh())),
         "fwd+bwd": forward_backward(case, case.fns["eager"], case.fresh(), cotangents),
     }
-    timer = GraphTimer(device) if device.type == "cuda" else None
+    timer = GraphTimer(device, calls) if device.type == "cuda" else None
 
     def call_of(fn, mode):
         inputs = case.fresh()  # in-place variants (Liger) only ever touch their own copy
@@ -426,6 +432,7 @@ def main() -> None:
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     parser.add_argument("--candidates", action="store_true", help="also time the candidates of ours (make_cases)")
     parser.add_argument("--passes", type=int, default=5, help="interleaved timing passes over the CUDA graphs")
+    parser.add_argument("--calls", type=int, default=10, help="calls (each after an L2 flush) per CUDA graph")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shape = SMOKE if args.smoke else LLAMA_8B
@@ -438,7 +445,7 @@ def main() -> None:
     start = time.perf_counter()
     rows, candidate_rows = [], []
     for case in make_cases(shape, device, liger, ops, args.candidates):
-        got, candidates = run_case(case, device, args.passes)
+        got, candidates = run_case(case, device, args.passes, args.calls)
         rows += got
         candidate_rows += candidates
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -447,7 +454,7 @@ def main() -> None:
         table(rows, hbm, "ms", "Wall time per call (do_bench median, L2 flushed; includes the host's launch overhead)")
     )
     if device.type == "cuda":
-        title = f"GPU time per call (CUDA graph replays, L2 flushed, median of {args.passes} interleaved passes)"
+        title = f"GPU time per call (CUDA graphs of {args.calls} calls, L2 flushed, median of {args.passes} interleaved passes)"
         print("\n" + table(rows, hbm, "gpu_ms", title))
         if candidate_rows:
             print("\n" + candidate_table(rows, candidate_rows))

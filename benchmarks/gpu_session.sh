@@ -14,6 +14,8 @@
 #   bash benchmarks/gpu_session.sh more     # issue 6's Mistral shape, the LoRA nodes, host cost per layer
 #   bash benchmarks/gpu_session.sh diagnose # the whole-model check on the 8B shape, per pattern set
 #   bash benchmarks/gpu_session.sh kernels  # issues 3-5: lora nodes, elementwise, loss, nf4
+#   bash benchmarks/gpu_session.sh margin   # GPU tests, issue 3's table with rope's candidates: 15 passes of 30-call graphs
+#   bash benchmarks/gpu_session.sh models   # 2048x2 both modes, Mistral both modes
 #   bash benchmarks/gpu_session.sh inplace  # GPU tests, issue 3's kernels (rope in place) with their candidates, 2048x2 both modes
 # At most 8 files come back from a call: stdout is printed (not kept), profiles stay in the JSON.
 set -u
@@ -60,6 +62,14 @@ case "${1:-e2e}" in
     run tests 100 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
     run elementwise 150 python3 benchmarks/bench_elementwise.py --candidates --passes 7 --out "$out/elementwise.json"
     run e2e_2048 320 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 115 --out "$out/e2e_2048.json"
+    ;;
+  margin)  # rope: loads first, one token per program in backward; the GPU tests first
+    run tests 100 env TRITON_INTERPRET=0 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_graphs.py
+    run elementwise 400 python3 benchmarks/bench_elementwise.py --candidates --passes 15 --calls 30 --out "$out/elementwise.json"
+    ;;
+  models)  # the step after a kernel change: Llama-8B 2048x2 and Mistral-7B 2048x2, both modes
+    run e2e_2048 270 python3 benchmarks/bench_e2e.py --shape llama8b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 110 --out "$out/e2e_2048.json"
+    run e2e_mistral 270 python3 benchmarks/bench_e2e.py --shape mistral7b --seq 2048 --batch 2 --variants hf,graft --checkpointing both --timeout 110 --out "$out/e2e_mistral.json"
     ;;
   long)
     run e2e_16k 330 python3 benchmarks/bench_e2e.py --shape llama8b --seq 16384 --batch 1 --variants hf,graft --checkpointing yes --timeout 160 --verify-tokens 4096 --profile "$out" --out "$out/e2e_16k.json"

@@ -43,7 +43,7 @@ the version counter is bumped, so that autograd raises, rather than read rotated
 anything saved q, k or their base for its backward. Backward then writes dq over the incoming
 dq_embed where that has q's layout (else into a new buffer): autograd hands that gradient to
 this node alone when q_embed's only reader is attention. On an H200, fwd+bwd in place takes
-45.9 us against 46.9 out of place at 4096 tokens, 166.4 against 168.0 at 16384 (the same
+45.3 us against 46.2 out of place at 4096 tokens, 166.8 against 168.3 at 16384 (the same
 bytes move; why writing over the bytes just read is faster was not isolated), and the peak
 of a Llama-8B LoRA step at 2048 x 2 drops by 1.25 GiB (RESULTS.md). With cos/sin requiring grad (their
 gradients need q and k) it stays out of place.
@@ -65,80 +65,53 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _rotate_heads(
-    X,
-    Y,
-    x_tok,
-    y_tok,
-    sx_h,
-    sy_h,
-    t_mask,
-    c1,
-    c2,
-    s1,
-    s2,
-    N_HEADS: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    FORWARD: tl.constexpr,
+def _head_tile(
+    tok, s_h, t_mask, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    """Rotate every head row of BLOCK_T tokens: x_tok/y_tok are the tokens' element offsets."""
+    """Element offsets of the first halves of heads h0 .. h0 + BLOCK_H of BLOCK_T tokens, and their mask."""
     d = tl.arange(0, BLOCK_D)[None, None, :]
+    h = h0 + tl.arange(0, BLOCK_H)
+    mask = t_mask[:, None, None] & (h < N_HEADS)[None, :, None]
+    if HALF != BLOCK_D:
+        mask = mask & (d < HALF)
+    return tok[:, None, None] + (h.to(tl.int64) * s_h)[None, :, None] + d, mask
+
+
+@triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2, dtype: tl.constexpr, FORWARD: tl.constexpr):
+    if FORWARD:  # HF's cast points: each product rounded to the output dtype, then the sum
+        y1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
+        y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    else:  # the transpose rotation, fp32 throughout: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    return y1.to(dtype), y2.to(dtype)
+
+
+@triton.jit
+def _rotate_heads(
+    X, Y, x_tok, y_tok, sx_h, sy_h, t_mask, c1, c2, s1, s2,
+    N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FORWARD: tl.constexpr,
+):  # fmt: skip
+    """Rotate every head row of BLOCK_T tokens, BLOCK_H heads at a time: x_tok/y_tok are the tokens' element offsets."""
     for h0 in range(0, N_HEADS, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        mask = t_mask[:, None, None] & (h < N_HEADS)[None, :, None]
-        if HALF != BLOCK_D:
-            mask = mask & (d < HALF)
-        x_off = x_tok[:, None, None] + (h.to(tl.int64) * sx_h)[None, :, None] + d
-        y_off = y_tok[:, None, None] + (h.to(tl.int64) * sy_h)[None, :, None] + d
+        x_off, mask = _head_tile(x_tok, sx_h, t_mask, h0, N_HEADS, HALF, BLOCK_H, BLOCK_D)
+        y_off, _ = _head_tile(y_tok, sy_h, t_mask, h0, N_HEADS, HALF, BLOCK_H, BLOCK_D)
         x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
-        if FORWARD:  # HF's cast points: each product rounded to the output dtype, then the sum
-            y1 = (x1 * c1).to(Y.dtype.element_ty).to(tl.float32) - (x2 * s1).to(Y.dtype.element_ty).to(tl.float32)
-            y2 = (x2 * c2).to(Y.dtype.element_ty).to(tl.float32) + (x1 * s2).to(Y.dtype.element_ty).to(tl.float32)
-        else:  # the transpose rotation, fp32 throughout: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1
-            y1 = x1 * c1 + x2 * s2
-            y2 = x2 * c2 - x1 * s1
-        tl.store(Y + y_off, y1.to(Y.dtype.element_ty), mask=mask)
-        tl.store(Y + y_off + HALF, y2.to(Y.dtype.element_ty), mask=mask)
+        y1, y2 = _rotate(x1, x2, c1, c2, s1, s2, Y.dtype.element_ty, FORWARD)
+        tl.store(Y + y_off, y1, mask=mask)
+        tl.store(Y + y_off + HALF, y2, mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
-    Q,
-    K,
-    COS,
-    SIN,
-    QO,
-    KO,
-    tokens,
-    seq_len,
-    sq_b,
-    sq_s,
-    sq_h,
-    sk_b,
-    sk_s,
-    sk_h,
-    sqo_b,
-    sqo_s,
-    sqo_h,
-    sko_b,
-    sko_s,
-    sko_h,
-    sc_b,
-    sc_s,
-    ss_b,
-    ss_s,
-    HQ: tl.constexpr,
-    HK: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    FORWARD: tl.constexpr,
-):
+    Q, K, COS, SIN, QO, KO, tokens, seq_len,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sqo_b, sqo_s, sqo_h, sko_b, sko_s, sko_h, sc_b, sc_s, ss_b, ss_s,
+    HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, FORWARD: tl.constexpr, LOADS_FIRST: tl.constexpr,
+):  # fmt: skip
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < tokens
     b = t // seq_len
@@ -151,22 +124,40 @@ def _rope_kernel(
     c2 = tl.load(COS + c_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
     s1 = tl.load(SIN + s_off, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
     s2 = tl.load(SIN + s_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    _rotate_heads(
-        Q, QO, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s, sq_h, sqo_h, t_mask, c1, c2, s1, s2,
-        HQ, HALF, BLOCK_HQ, BLOCK_D, FORWARD,
-    )  # fmt: skip
-    _rotate_heads(
-        K, KO, b * sk_b + s * sk_s, b * sko_b + s * sko_s, sk_h, sko_h, t_mask, c1, c2, s1, s2,
-        HK, HALF, BLOCK_HK, BLOCK_D, FORWARD,
-    )  # fmt: skip
+    q_tok, qo_tok = b * sq_b + s * sq_s, b * sqo_b + s * sqo_s
+    k_tok, ko_tok = b * sk_b + s * sk_s, b * sko_b + s * sko_s
+    if LOADS_FIRST:  # all heads of q and of k in one tile each: every load in flight before the first store
+        q_off, q_mask = _head_tile(q_tok, sq_h, t_mask, 0, HQ, HALF, BLOCK_HQ, BLOCK_D)
+        k_off, k_mask = _head_tile(k_tok, sk_h, t_mask, 0, HK, HALF, BLOCK_HK, BLOCK_D)
+        q1 = tl.load(Q + q_off, mask=q_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(Q + q_off + HALF, mask=q_mask, other=0.0).to(tl.float32)
+        k1 = tl.load(K + k_off, mask=k_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(K + k_off + HALF, mask=k_mask, other=0.0).to(tl.float32)
+        qo_off, _ = _head_tile(qo_tok, sqo_h, t_mask, 0, HQ, HALF, BLOCK_HQ, BLOCK_D)
+        ko_off, _ = _head_tile(ko_tok, sko_h, t_mask, 0, HK, HALF, BLOCK_HK, BLOCK_D)
+        y1, y2 = _rotate(q1, q2, c1, c2, s1, s2, QO.dtype.element_ty, FORWARD)
+        tl.store(QO + qo_off, y1, mask=q_mask)
+        tl.store(QO + qo_off + HALF, y2, mask=q_mask)
+        y1, y2 = _rotate(k1, k2, c1, c2, s1, s2, KO.dtype.element_ty, FORWARD)
+        tl.store(KO + ko_off, y1, mask=k_mask)
+        tl.store(KO + ko_off + HALF, y2, mask=k_mask)
+    else:
+        _rotate_heads(Q, QO, q_tok, qo_tok, sq_h, sqo_h, t_mask, c1, c2, s1, s2, HQ, HALF, BLOCK_HQ, BLOCK_D, FORWARD)
+        _rotate_heads(K, KO, k_tok, ko_tok, sk_h, sko_h, t_mask, c1, c2, s1, s2, HK, HALF, BLOCK_HK, BLOCK_D, FORWARD)
 
 
 # Elements of one half-row tile (tokens x heads x head_dim/2) a program holds per tensor;
-# short rows (small models) take several tokens. Measured on an H200 at Llama-8B shapes
-# (16384 tokens, CUDA graph replays): forward 84.7 us with one token per program (2048),
-# 85.4 with two; backward 89.5 us with one, 85.0 with two (4096), 3.9 TB/s of a 4.25 TB/s copy.
+# short rows (small models) take several tokens. At Llama-8B shapes that is one token per
+# program, and all of its 32 q heads and 8 k heads fit one tile each: the program then issues
+# every load before its first store (LOADS_FIRST, as Liger's kernel does) rather than rotating
+# q before it loads k. Measured on an H200 (RESULTS.md, eighth session), fwd+bwd in place:
+# 45.3 us at 4096 tokens and 166.8 at 16384, against 46.7 and 170.6 with the backward taking
+# two tokens per program (its old tile, 4096) and loads first, and 45.9 and 167.7 with two
+# tokens and q then k; q then k in the forward alone: 45.6 and 165.6. Evicting q and k from
+# L2 first, or 4 warps, were 1-4% slower.
 TILE_FORWARD = 2048
-TILE_BACKWARD = 4096
+TILE_BACKWARD = 2048
+LOADS_FIRST = True
 
 
 def _launch(q, k, cos, sin, q_out, k_out, *, forward: bool, heads_q: int, heads_k: int) -> None:
@@ -211,6 +202,7 @@ def _launch(q, k, cos, sin, q_out, k_out, *, forward: bool, heads_q: int, heads_
         BLOCK_HK=block_hk,
         BLOCK_D=block_d,
         FORWARD=forward,
+        LOADS_FIRST=LOADS_FIRST and block_hq >= heads_q and block_hk >= heads_k,
         num_warps=warps,
         # Forward keeps HF's roundings: without this the compiler narrows each rounded product
         # to a bf16 multiply and fuses it with the sum into one bf16 FMA (seen in the PTX for

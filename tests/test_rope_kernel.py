@@ -78,6 +78,17 @@ def test_packed_sequences_and_odd_shapes(dtype):
     check_all(dtype, q, k, cos, sin, label="packed")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_more_heads_than_one_tile_holds(dtype):
+    """64 q heads of 128 exceed a forward tile (2048 elements of a half-row: 32 heads), so the
+    kernel rotates q 32 heads at a time rather than loading all heads before its first store."""
+    q = projection_views(2, 9, 64, 128, dtype)
+    k = projection_views(2, 9, 8, 128, dtype)
+    cos = torch.randn(1, 9, 128, dtype=torch.float64).to(dtype)
+    sin = torch.randn(1, 9, 128, dtype=torch.float64).to(dtype)
+    check_all(dtype, q, k, cos, sin, label="64 heads")
+
+
 def test_forward_keeps_hf_cast_points_bit_for_bit():
     """HF rounds q * cos, rotate_half(q) * sin and their sum to bf16 each: so do we."""
     q = projection_views(2, 11, 4, 64, torch.bfloat16)
