@@ -28,7 +28,7 @@ from rewriter.match import Match, Pattern, find_matches
 from rewriter.module_match import ModulePattern
 from rewriter.replace import rewrite
 from rewriter.report import MatchRecord, RewriteReport, WholeModelCheck
-from rewriter.verify import check_match, record_values, relative_error
+from rewriter.verify import check_matches, relative_error
 
 # Whole-model check, in the model's dtype (no float64 judge here, the per-match checks are
 # the strict ones): the largest relative difference in the loss and in all trainable gradients
@@ -364,11 +364,10 @@ class _Session:
         new = [m for m in matches if m.key not in self.decisions]
         checks = {}
         if self.verify and new:
-            values = record_values(gm, example_inputs, new)
             names = {
                 n: self.param_names[id(v)] for n, v in zip(placeholders, example_inputs) if id(v) in self.param_names
             }
-            checks = {m.key: check_match(gm, m, values, names) for m in new}
+            checks = {m.key: check for m, check in zip(new, check_matches(gm, example_inputs, new, names))}
         for m in new:
             check = checks.get(m.key)
             passed = check is None or check.passed

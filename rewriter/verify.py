@@ -9,8 +9,9 @@ trainable parameters) the replacement passes when
     err(ours) <= ERROR_FACTOR * err(eager) + SLACK * unit_roundoff(dtype)
 
 with err(t) = ||t - t64|| / ||t64||. The slack only matters where eager happens to be exact.
-Cost: one forward of the graph on the sample (no grad, values kept only at match inputs)
-and three small forward+backward runs per match; nothing of the whole model is promoted.
+Cost: one forward of the graph on the sample (no grad), each match checked as soon as its
+inputs exist and its values dropped when no later match needs them, and three small
+forward+backward runs per match; nothing of the whole model is promoted.
 """
 
 from __future__ import annotations
@@ -86,26 +87,65 @@ class MatchCheck:
         return max(self.comparisons, key=lambda c: c.ours / max(c.bound, 1e-30), default=None)
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: set[Node]):
+class _CheckingInterpreter(torch.fx.Interpreter):
+    """Runs the original graph without grad and checks each match as soon as every value
+    entering it exists, keeping a value only while a match still waiting needs it: what is
+    alive at once is about one layer's values, not the sample's activations."""
+
+    def __init__(self, gm: torch.fx.GraphModule, matches: list[Match], check: Callable[[Match, dict], MatchCheck]):
         super().__init__(gm)
-        self.wanted = wanted
+        self.check = check
+        self.inputs = {i: external_inputs(m) for i, m in enumerate(matches)}
+        self.matches = dict(enumerate(matches))
+        self.missing = {i: set(xs) for i, xs in self.inputs.items()}
+        self.waiting_on: dict[Node, set[int]] = {}
+        for i, xs in self.inputs.items():
+            for x in xs:
+                self.waiting_on.setdefault(x, set()).add(i)
         self.values: dict[Node, Any] = {}
+        self.results: dict[int, MatchCheck] = {}
 
     def run_node(self, n: Node) -> Any:
         value = super().run_node(n)
-        if n in self.wanted:
+        if n in self.waiting_on:
             self.values[n] = value
+            for i in sorted(self.waiting_on[n]):
+                self.missing[i].discard(n)
+                if not self.missing[i]:
+                    self._check(i)
         return value
 
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # The capture's grad-mode switches (HF's rotary embedding runs under no_grad, then
+        # grad comes back on): the sample's run stays without grad, else autograd would keep
+        # every layer's activations for a backward that never comes.
+        if target is torch._C._set_grad_enabled:
+            return None
+        return super().call_function(target, args, kwargs)
 
-def record_values(gm: torch.fx.GraphModule, example_inputs: list[Any], matches: list[Match]) -> dict[Node, Any]:
-    """Run the original graph once (no grad) and keep the values entering each match."""
-    wanted = {x for m in matches for x in external_inputs(m)}
-    recorder = _Recorder(gm, wanted)
+    def _check(self, i: int) -> None:
+        with torch.enable_grad():  # the graph runs under no_grad; the checks differentiate
+            self.results[i] = self.check(self.matches[i], self.values)
+        for x in self.inputs[i]:
+            self.waiting_on[x].discard(i)
+            if not self.waiting_on[x]:
+                del self.waiting_on[x]
+                self.values.pop(x, None)
+
+
+def check_matches(
+    gm: torch.fx.GraphModule, example_inputs: list[Any], matches: list[Match], names: dict[Node, str] | None = None
+) -> list[MatchCheck]:
+    """Run the original graph once (no grad) on the sample and check every match on the
+    values entering it there (check_match); one result per match, in order."""
+    interpreter = _CheckingInterpreter(gm, matches, lambda m, values: check_match(gm, m, values, names))
+    for i, missing in interpreter.missing.items():
+        if not missing:  # a match of constants alone waits for nothing
+            interpreter._check(i)
     with torch.no_grad():
-        recorder.run(*example_inputs)
-    return recorder.values
+        interpreter.run(*example_inputs)
+    never = "its inputs were never computed in the sample's run"
+    return [interpreter.results.get(i, MatchCheck(error=never)) for i in range(len(matches))]
 
 
 def extract(gm: torch.fx.GraphModule, m: Match) -> tuple[torch.fx.GraphModule, list[Node]]:
@@ -272,11 +312,12 @@ def _check_match(gm, m: Match, values: dict[Node, Any], names: dict[Node, str], 
 
     position = {x: i for i, x in enumerate(inputs)}
     check = MatchCheck()
-    out_eager, grad_eager, check.saved_bytes_eager = _run(sub, leaves(), grad_of, seed)
+    # copies of activation inputs for the runs in the model's dtype: the graph's own run
+    # (check_matches) reads them after this check, and a replacement may write over its
+    # inputs (rope in place)
+    out_eager, grad_eager, check.saved_bytes_eager = _run(sub, leaves(copy_activations=True), grad_of, seed)
     out_64, grad_64, _ = _run(to_float64(sub), leaves(torch.float64), grad_of, seed)
 
-    # a replacement may write over its activation inputs (rope in place): it gets copies, so
-    # that the sample values the other checks read stay as the model computed them
     ours_args = leaves(copy_activations=True)
     captures = {k: ours_args[position[v]] if isinstance(v, Node) else v for k, v in m.captures.items()}
     pattern_inputs = [ours_args[position[x]] if isinstance(x, Node) else x for x in m.inputs]
