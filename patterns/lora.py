@@ -70,7 +70,14 @@ def lora_problem(module: torch.nn.Module) -> str | None:
         return "fan_in_fan_out layers are not supported"
     base = module.get_base_layer()
     if _is_4bit(base):
-        state = base.weight.quant_state
+        # FSDP (both versions mark the modules they manage) swaps the packed weight for shards
+        # and gathered copies each step; the quant_state stays behind on the module, and a
+        # node built on one copy would read another step's freed bytes
+        if getattr(base, "_is_fsdp_managed_module", False):
+            return "4-bit weight sharded by FSDP (its quant_state does not follow the shards); bitsandbytes keeps this layer"
+        state = getattr(base.weight, "quant_state", None)
+        if not isinstance(base.weight, bnb.nn.Params4bit) or state is None:
+            return f"4-bit base weight is a {type(base.weight).__name__} without its quant_state"
         if getattr(state, "packing_format_for_cpu", False):
             return "weight is repacked for bnb's CPU inference kernel"
         why = nf4_unsupported(base.weight.data, state)
