@@ -1,5 +1,5 @@
-"""Pattern files: one per op family (norms, ...) and one per architecture (llama, mistral).
+"""Pattern files: one per op family (norms, ...) and one per architecture (llama, mistral, qwen2).
 
 Importing this package registers the built-in patterns and architectures."""
 
-from patterns import llama, mistral  # noqa: F401
+from patterns import llama, mistral, qwen2  # noqa: F401

@@ -11,6 +11,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 VOCAB = 160
@@ -33,6 +35,8 @@ def tiny_config(model_type: str, **overrides):
         return LlamaConfig(**{"rms_norm_eps": 1e-5, **common})
     if model_type == "mistral":
         return MistralConfig(**{"rms_norm_eps": 1e-6, "sliding_window": None, "rope_theta": 1e6, **common})
+    if model_type == "qwen2":  # Llama's layer with q/k/v biases
+        return Qwen2Config(**{"rms_norm_eps": 1e-6, "rope_theta": 1e6, **common})
     raise ValueError(model_type)
 
 
@@ -43,8 +47,8 @@ def tiny_causal_lm(
     if model_type == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4))
     else:
-        cls = LlamaForCausalLM if model_type == "llama" else MistralForCausalLM
-        model = cls(tiny_config(model_type, **(config or {})))
+        classes = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+        model = classes[model_type](tiny_config(model_type, **(config or {})))
     model = model.to(dtype)
     if lora:
         config = dict(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)

@@ -25,7 +25,7 @@ def assert_every_lora_layer_fused(rep, model):
     assert 3 * LAYERS + 3 * LAYERS + LAYERS == lora_layer_count(model)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_4bit_model_every_projection_fused_verified_and_trains_like_the_twin(model_type, tmp_path):
     twin = tiny_4bit_causal_lm(model_type, tmp_path)
     model = optimize(tiny_4bit_causal_lm(model_type, tmp_path))
@@ -36,7 +36,7 @@ def test_4bit_model_every_projection_fused_verified_and_trains_like_the_twin(mod
     assert_same_training(twin, model, torch.bfloat16)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_bf16_lora_twin_fused_and_trains_alike(model_type):
     twin = tiny_causal_lm(model_type, dtype=torch.bfloat16)
     model = optimize(tiny_causal_lm(model_type, dtype=torch.bfloat16))

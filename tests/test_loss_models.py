@@ -22,7 +22,7 @@ def loss_record(model):
     return rec
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lora_model_fuses_the_loss_verified_and_trains_like_the_twin(model_type, dtype):
     twin = tiny_causal_lm(model_type, dtype=dtype)
@@ -43,7 +43,7 @@ def test_lora_model_fuses_the_loss_verified_and_trains_like_the_twin(model_type,
     assert out.logits is None and report(model).graphs == 2  # the fused loss runs in the dynamic graph
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_the_architecture_pattern_lists_include_the_fused_loss(model_type):
     model = optimize(tiny_causal_lm(model_type))
     rep = report(model)

@@ -19,7 +19,7 @@ def assert_same_training(a, b, dtype):
         assert abs(x - y) <= STEP_LOSS_BOUND[dtype] * abs(x), f"step {step}: {x} vs {y}"
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rmsnorm_everywhere_verified_and_trains_like_the_twin(model_type, lora, dtype):

@@ -15,7 +15,7 @@ from rewriter import optimize, report
 PATTERNS = ["rmsnorm", "rope", "swiglu"]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_attention_and_mlp_is_covered_verified_and_trains_like_the_twin(model_type, dtype):
     twin = tiny_causal_lm(model_type, dtype=dtype)
