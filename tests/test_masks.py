@@ -27,7 +27,7 @@ def _close(la: list[float], lb: list[float]) -> bool:
     return all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(la, lb))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_without_padding_sdpa_gets_no_mask_and_trains_like_the_twin(model_type):
     twin = tiny_causal_lm(model_type)
     model = optimize(tiny_causal_lm(model_type))
@@ -58,11 +58,20 @@ def test_an_attention_mask_input_gives_eagers_mask_and_trains_like_the_twin(padd
     assert _close(train_losses(twin, batches=batches), train_losses(model, batches=batches))
 
 
-def test_a_sliding_window_that_bites_trains_like_the_twin():
-    config = dict(sliding_window=6)
-    twin = tiny_causal_lm("mistral", config=config)
-    model = optimize(tiny_causal_lm("mistral", config=config), sample=batch(0, length=19))
-    assert report(model).verified and all(m is not None for m in _sdpa_masks(model))
+@pytest.mark.parametrize(
+    "model_type, config, masked",
+    [
+        ("mistral", dict(sliding_window=6), {True}),
+        # Qwen2: the window from layer max_window_layers on: the full layer needs no mask (eager
+        # skips it too), the sliding one gets the window's
+        ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), {False, True}),
+    ],
+    ids=["mistral", "qwen2-mixed-layers"],
+)
+def test_a_sliding_window_that_bites_trains_like_the_twin(model_type, config, masked):
+    twin = tiny_causal_lm(model_type, config=config)
+    model = optimize(tiny_causal_lm(model_type, config=config), sample=batch(0, length=19))
+    assert report(model).verified and {m is not None for m in _sdpa_masks(model)} == masked
     assert _close(train_losses(twin), train_losses(model))
 
 
