@@ -94,12 +94,11 @@ class _CheckingInterpreter(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule, matches: list[Match], check: Callable[[Match, dict], MatchCheck]):
         super().__init__(gm)
-        self.check = check
-        self.inputs = {i: external_inputs(m) for i, m in enumerate(matches)}
-        self.matches = dict(enumerate(matches))
-        self.missing = {i: set(xs) for i, xs in self.inputs.items()}
+        self.check, self.matches = check, matches
+        self.inputs = [external_inputs(m) for m in matches]
+        self.missing = [set(xs) for xs in self.inputs]
         self.waiting_on: dict[Node, set[int]] = {}
-        for i, xs in self.inputs.items():
+        for i, xs in enumerate(self.inputs):
             for x in xs:
                 self.waiting_on.setdefault(x, set()).add(i)
         self.values: dict[Node, Any] = {}
@@ -139,7 +138,7 @@ def check_matches(
     """Run the original graph once (no grad) on the sample and check every match on the
     values entering it there (check_match); one result per match, in order."""
     interpreter = _CheckingInterpreter(gm, matches, lambda m, values: check_match(gm, m, values, names))
-    for i, missing in interpreter.missing.items():
+    for i, missing in enumerate(interpreter.missing):
         if not missing:  # a match of constants alone waits for nothing
             interpreter._check(i)
     with torch.no_grad():
